@@ -1,0 +1,3 @@
+"""pgdoorman: a PostgreSQL connection pooler."""
+
+__version__ = "0.1.0"
