@@ -1,0 +1,23 @@
+"""Authentication: stored secrets, MD5 and SCRAM-SHA-256 for both sides of the pooler.
+
+Everything here is pure (no sockets, no asyncio): protocol framing belongs to the callers.
+"""
+
+from pgdoorman.auth.md5 import md5_hash, md5_salted_response, md5_verify
+from pgdoorman.auth.scram import MECHANISM, ScramClient, ScramServer, saslprep, scram_verifier
+from pgdoorman.auth.secrets import AuthFailed, ScramVerifier, StoredSecret, parse_secret
+
+__all__ = [
+    "MECHANISM",
+    "AuthFailed",
+    "ScramClient",
+    "ScramServer",
+    "ScramVerifier",
+    "StoredSecret",
+    "md5_hash",
+    "md5_salted_response",
+    "md5_verify",
+    "parse_secret",
+    "saslprep",
+    "scram_verifier",
+]

@@ -1,0 +1,22 @@
+"""Configuration: typed schema, TOML loader with FILE:LINE: key errors, embedded defaults, TOML renderer."""
+
+from .durations import format_duration, parse_duration
+from .loader import default_config, load_config, parse_config
+from .render import render_config
+from .schema import LOG_LEVELS, POOL_MODES, Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
+
+__all__ = [
+    "LOG_LEVELS",
+    "POOL_MODES",
+    "Config",
+    "ConfigError",
+    "GeneralConfig",
+    "PoolConfig",
+    "UserConfig",
+    "default_config",
+    "format_duration",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "render_config",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from pgdoorman.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Command line: `pgdoorman -c FILE`, `--check-config`, `--version`, `pgdoorman demo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pgdoorman import __version__
+from pgdoorman.config import Config, ConfigError, default_config, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgdoorman", description="PostgreSQL connection pooler")
+    p.add_argument("command", nargs="?", choices=["run", "demo"], default="run",
+                   help="run the pooler (default) or `demo`: a throwaway PostgreSQL + pooler + pgbench")
+    p.add_argument("-c", "--config", help="TOML config file (default: the embedded config)")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit 0/1")
+    p.add_argument("--version", action="version", version=f"pgdoorman {__version__}")
+    p.add_argument("--log-level", help="override general.log_level")
+    return p
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from pgdoorman.demo import run_demo
+
+        return run_demo()
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"pgdoorman: {exc}", file=sys.stderr)
+        return 1
+    if args.check_config:
+        print(f"{config.path}: ok ({len(config.pools)} pools)")
+        return 0
+    setup_logging(args.log_level or config.general.log_level)
+    logging.getLogger("pgdoorman").info("pgdoorman %s starting with %s", __version__, config.path)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pure-asyncio fallback keeps working, just slower
+        runner = asyncio.run
+    from pgdoorman.app import serve
+
+    try:
+        runner(serve(config))
+    except OSError as exc:
+        logging.getLogger("pgdoorman").error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

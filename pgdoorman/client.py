@@ -1,0 +1,613 @@
+"""The client side: start-up, authentication, and the per-mode relay of requests to a lent server."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
+from pgdoorman.prepared import Statement
+from pgdoorman.protocol import codes
+from pgdoorman.protocol import messages as m
+from pgdoorman.server import (
+    BIND,
+    CLOSE,
+    DESCRIBE,
+    EXECUTE,
+    PARSE,
+    QUERY,
+    SYNC,
+    SYNTH_CLOSE,
+    SYNTH_PARSE,
+    ServerConn,
+)
+
+if TYPE_CHECKING:
+    from pgdoorman.app import App
+    from pgdoorman.pool import Pool
+
+log = logging.getLogger("pgdoorman.client")
+_unpack_len = struct.Struct("!I").unpack_from
+_unpack_i32 = struct.Struct("!i").unpack_from
+_pack_hdr = struct.Struct("!cI").pack
+_ids = itertools.count(1)
+
+STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
+SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
+_STATUS_IDLE = 73
+
+# Session settings a server reports with ParameterStatus and that clients may change: the pooler
+# keeps each client's values and SETs them on whichever server the client is lent.
+TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
+                  "standard_conforming_strings", "application_name")
+_TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
+# Messages a client may send whose bytes the pooler reads as a whole (named statements).
+_WHOLE = frozenset(b"PBDCX")
+
+
+class ClientConn(asyncio.Protocol):
+    def __init__(self, app: App) -> None:
+        self.id = f"C-{next(_ids)}"
+        self.app = app
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.state = STARTUP
+        self.peer = "?"
+        self.pool: Pool | None = None
+        self.mode = TRANSACTION
+        self.server: ServerConn | None = None
+        self.waiting = False
+        self.params: dict[str, str] = {}  # the values this client believes its session has
+        self.stmts: dict[bytes, Statement] = {}  # client's statement name -> shared statement
+        self.cancel_key: tuple[int, int] = (0, 0)
+        self.connected_at = time.monotonic()
+        self.last_active = self.connected_at
+        self.in_transaction = False
+        self._rewrite = False
+        self._stmt_cap = 0
+        self._buf = bytearray()  # login-phase input
+        self._held: bytearray | None = None  # requests waiting for a server
+        self._partial = b""
+        self._skip = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._auth_kind = ""
+        self._secret: StoredSecret | None = None
+        self._salt = b""
+        self._scram: ScramServer | None = None
+        self._startup: dict[str, str] = {}
+
+    # --- connection events ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.app.client_connected(self)
+        timeout = self.app.config.general.client_login_timeout
+        if timeout:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._login_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish("client closed the connection" if exc is None else f"client connection lost: {exc}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == ACTIVE:
+            self.last_active = time.monotonic()
+            server = self.server
+            if server is not None:
+                self._forward(data, server)
+            elif self._held is not None:
+                self._held += data
+            else:
+                self._held = bytearray(data)
+                self._need_server()
+        elif self.state != CLOSED:
+            self._buf += data
+            try:
+                self._login_input()
+            except m.ProtocolError as exc:
+                self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
+
+    def pause_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    # --- login ---
+
+    def _login_input(self) -> None:
+        buf = self._buf
+        while self.state in (STARTUP, AUTH):
+            if self.state == STARTUP:
+                if len(buf) < 4:
+                    return
+                length = _unpack_i32(buf, 0)[0]
+                if length < 8 or length > codes.MAX_STARTUP_PACKET:
+                    raise m.ProtocolError("invalid length of startup packet")
+                if len(buf) < length:
+                    return
+                packet = bytes(buf[4:length])
+                del buf[:length]
+                self._startup_packet(packet)
+            else:
+                if len(buf) < 5:
+                    return
+                length = _unpack_len(buf, 1)[0]
+                if length < 4 or length > codes.MAX_STARTUP_PACKET:
+                    raise m.ProtocolError("invalid message length during authentication")
+                if len(buf) < length + 1:
+                    return
+                kind, body = buf[0], bytes(buf[5 : length + 1])
+                del buf[: length + 1]
+                if kind != ord("p"):
+                    raise m.ProtocolError(f"expected password response, got message type {chr(kind)!r}")
+                self._auth_response(body)
+
+    def _startup_packet(self, packet: bytes) -> None:
+        code = _unpack_i32(packet, 0)[0]
+        if code in (codes.SSL_REQUEST_CODE, codes.GSSENC_REQUEST_CODE) and len(packet) == 4:
+            self.transport.write(b"N")  # TLS/GSS come later; libpq then continues in clear text
+            return
+        if code == codes.CANCEL_REQUEST_CODE and len(packet) == 12:
+            pid, key = struct.unpack_from("!ii", packet, 4)
+            self.app.cancels.forward(pid, key)
+            self._close_quietly()
+            return
+        major, minor = code >> 16, code & 0xFFFF
+        if major != 3:
+            raise_unsupported = f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+            self.fatal(codes.FEATURE_NOT_SUPPORTED, raise_unsupported)
+            return
+        params = m.parse_startup_params(packet[4:])
+        unsupported = [k for k in params if k.startswith("_pq_.")]
+        if minor > 0 or unsupported:
+            self.transport.write(m.negotiate_protocol_version(0, unsupported))
+        user = params.get("user")
+        if not user:
+            self.fatal(codes.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet")
+            return
+        database = params.get("database") or user
+        self._startup = params
+        if self.app.over_client_limit():
+            self.fatal(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+            return
+        self.peer = f"{database}/{user}@{self.peer}"
+        pool_cfg = self.app.config.pools.get(database)
+        if pool_cfg is None:
+            self.fatal(codes.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+            return
+        pool = self.app.pool_for(database, user)
+        if pool is None:
+            self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+            return
+        self.pool = pool
+        self.mode = pool.mode
+        self._rewrite = pool.mode != SESSION and pool.prepared_enabled
+        self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
+        self._begin_auth(parse_secret(pool.user_cfg.password, user))
+
+    def _begin_auth(self, secret: StoredSecret) -> None:
+        self._secret = secret
+        self.state = AUTH
+        if secret.kind == "trust":
+            self._auth_ok()
+        elif secret.kind == "md5":
+            self._auth_kind = "md5"
+            self._salt = os.urandom(4)
+            self.transport.write(m.authentication(codes.AUTH_MD5, self._salt))
+        else:  # SCRAM for verifiers and for plain-text secrets
+            self._auth_kind = "scram"
+            self._scram = ScramServer(secret)
+            self.transport.write(m.authentication(codes.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+
+    def _auth_response(self, body: bytes) -> None:
+        try:
+            if self._auth_kind == "md5":
+                assert self._secret is not None
+                response, _ = m.read_cstr(body, 0)
+                if not md5_verify(self._secret, self._salt, response.decode("ascii", "replace")):
+                    raise AuthFailed("md5 password mismatch")
+                self._auth_ok()
+            elif self._auth_kind == "scram" and self._scram is not None:
+                if self._salt == b"":  # first SASL message: mechanism, length, client-first
+                    mechanism, pos = m.read_cstr(body, 0)
+                    if mechanism != b"SCRAM-SHA-256":
+                        raise m.ProtocolError("unsupported SASL mechanism")
+                    reply = self._scram.handle_client_first(body[pos + 4 :])
+                    self._salt = b"sent"
+                    self.transport.write(m.authentication(codes.AUTH_SASL_CONTINUE, reply))
+                else:
+                    final = self._scram.handle_client_final(body)
+                    self.transport.write(m.authentication(codes.AUTH_SASL_FINAL, final))
+                    self._auth_ok()
+            else:
+                raise m.ProtocolError("unexpected password message")
+        except (AuthFailed, IndexError, struct.error) as exc:
+            user = self._startup.get("user", "")
+            log.info("%s: %s auth failed: %s", self.id, self.peer, exc)
+            self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+
+    def _auth_ok(self) -> None:
+        assert self.pool is not None
+        self.transport.write(m.authentication(codes.AUTH_OK))
+        self.state = WAIT_LOGIN
+        if self.mode == SESSION or self.pool.server_params is None:
+            # Session mode keeps a server for the whole session; otherwise one server must have
+            # told us the ParameterStatus set clients expect.
+            server = self.pool.acquire(self)
+            if server is not None:
+                self.assign(server)
+            else:
+                self._start_wait_timer()
+        else:
+            self._welcome()
+
+    def _welcome(self) -> None:
+        assert self.pool is not None and self.pool.server_params is not None
+        params = dict(self.pool.server_params)
+        for key, value in self._startup.items():
+            name = _TRACKED_LOWER.get(key.lower())
+            if name is not None:
+                params[name] = value
+        if "application_name" not in self._startup:
+            params.pop("application_name", None)
+        self.params = params
+        out = bytearray()
+        for name, value in params.items():
+            out += m.parameter_status(name, value)
+        self.cancel_key = self.app.cancels.register(self)
+        out += m.backend_key_data(*self.cancel_key)
+        out += m.ready_for_query(b"I")
+        self._cancel_timer()
+        self.state = ACTIVE
+        self.transport.write(out)
+        if self.app.config.general.log_client_connections:
+            log.info("%s: %s login ok (%s mode)", self.id, self.peer, self.mode)
+
+    def _login_timeout(self) -> None:
+        self._timer = None
+        if self.state != ACTIVE:
+            self.fatal(codes.PROTOCOL_VIOLATION, "client_login_timeout: login not completed in time")
+
+    # --- getting a server ---
+
+    def _need_server(self) -> None:
+        assert self.pool is not None and self._held is not None
+        if self._held[:1] == b"X":
+            self.close("client close request")
+            return
+        server = self.pool.acquire(self)
+        if server is not None:
+            self.assign(server)
+        else:
+            self.transport.pause_reading()
+            self._start_wait_timer()
+
+    def _start_wait_timer(self) -> None:
+        assert self.pool is not None
+        timeout = self.pool.cfg.query_wait_timeout
+        if timeout:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._wait_timeout)
+
+    def _wait_timeout(self) -> None:
+        self._timer = None
+        assert self.pool is not None
+        self.pool.cancel_wait(self)
+        timeout = self.pool.cfg.query_wait_timeout
+        self.fatal(codes.PROTOCOL_VIOLATION,
+                   f"query_wait_timeout: no server connection became available within {timeout:g}s")
+
+    def wait_failed(self, message: str, code: str) -> None:
+        self._cancel_timer()
+        self.fatal(code, message)
+
+    def assign(self, server: ServerConn) -> None:
+        """The pool lends us a server: replay settings, then forward what the client sent."""
+        self._cancel_timer()
+        if self.state == CLOSED:
+            assert self.pool is not None
+            self.pool.release(server)
+            return
+        self.server = server
+        server.client = self
+        if self.state == WAIT_LOGIN:
+            if self.mode != SESSION:
+                self.server = None
+                server.client = None
+                self.pool.release(server)  # type: ignore[union-attr]
+            self._welcome()
+            if self.server is None:
+                return
+        self._sync_params(server)
+        held, self._held = self._held, None
+        if held:
+            self.transport.resume_reading()
+            self._forward(bytes(held), server)
+
+    def _sync_params(self, server: ServerConn) -> None:
+        sets = [
+            f"SET {m.quote_ident(name)} TO {m.quote_literal(value)}"
+            for name, value in self.params.items()
+            if name in _TRACKED_SET and server.params.get(name) != value
+        ]
+        if sets:
+            server.send_hidden(";".join(sets))
+
+    # --- relaying requests ---
+
+    def _forward(self, data: bytes | bytearray, server: ServerConn) -> None:
+        try:
+            self._relay(data, server)
+        except (ValueError, IndexError):
+            self.fatal(codes.PROTOCOL_VIOLATION, "malformed message from client")
+
+    def _relay(self, data: bytes | bytearray, server: ServerConn) -> None:  # noqa: C901
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            server.transport.write(data)  # type: ignore[union-attr]
+            return
+        self._skip = 0
+        pending = server.pending
+        refs = server.refs
+        out: bytearray | None = None
+        copied = 0
+        while pos < n:
+            if pos + 5 > n:
+                break
+            kind = data[pos]
+            length = _unpack_len(data, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4:
+                self.fatal(codes.PROTOCOL_VIOLATION, "invalid message length")
+                return
+            if end > n:
+                if kind not in _WHOLE:
+                    self._skip = end - n
+                    pos = n
+                break
+            replaced: bytes | bytearray | None = None
+            if kind == 81 or kind == 70:  # Query / FunctionCall
+                pending.append(QUERY)
+            elif kind == 69:  # Execute
+                pending.append(EXECUTE)
+            elif kind == 83:  # Sync
+                pending.append(SYNC)
+            elif kind == 80:  # Parse
+                if data[pos + 5] != 0 and self._rewrite:
+                    replaced = self._parse(data, pos, end, server)
+                else:
+                    pending.append(PARSE)
+                    refs.append(None)
+            elif kind == 66:  # Bind
+                name_at = data.index(0, pos + 5, end) + 1
+                if data[name_at] != 0 and self._rewrite:
+                    replaced = self._bind(data, pos, name_at, end, server)
+                else:
+                    pending.append(BIND)
+                    refs.append(None)
+            elif kind == 68:  # Describe
+                if data[pos + 5] == 83 and data[pos + 6] != 0 and self._rewrite:
+                    replaced = self._describe(data, pos, end, server)
+                pending.append(DESCRIBE)
+            elif kind == 67:  # Close
+                if data[pos + 5] == 83 and data[pos + 6] != 0 and self._rewrite:
+                    self.stmts.pop(bytes(data[pos + 6 : end - 1]), None)
+                    replaced = b""
+                    self._synthetic(server, SYNTH_CLOSE)
+                else:
+                    pending.append(CLOSE)
+            elif kind == 88:  # Terminate
+                if out is None:
+                    out = bytearray()
+                out += data[copied:pos]
+                if out:
+                    server.transport.write(out)  # type: ignore[union-attr]
+                self.close("client close request")
+                return
+            elif kind not in _PASS_THROUGH:
+                self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
+                return
+            if replaced is not None:
+                if out is None:
+                    out = bytearray()
+                out += data[copied:pos]
+                out += replaced
+                copied = end
+            pos = end
+        if pos < n and not self._skip:
+            self._partial = bytes(data[pos:])
+            n = pos
+        transport = server.transport
+        assert transport is not None
+        if out is None:
+            if n:
+                transport.write(data if n == len(data) else data[:n])
+        else:
+            out += data[copied:n]
+            if out:
+                transport.write(out)
+
+    def _synthetic(self, server: ServerConn, kind: int) -> None:
+        """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
+        if server.pending:
+            server.pending.append(kind)
+        else:
+            self.transport.write(m.parse_complete() if kind == SYNTH_PARSE else m.close_complete())
+
+    def _parse(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
+        assert self.pool is not None
+        name_end = data.index(0, pos + 5, end)
+        name = bytes(data[pos + 5 : name_end])
+        stmt = self.pool.registry.get(bytes(data[name_end + 1 : end]))
+        self._remember(name, stmt)
+        stats = self.pool.registry.stats
+        stats.client_parses += 1
+        if server.statements.has(stmt):
+            stats.hits += 1
+            self._synthetic(server, SYNTH_PARSE)
+            return b""
+        out = bytearray()
+        server.prepare_statement(stmt, out, hidden=False)
+        return bytes(out)
+
+    def _remember(self, name: bytes, stmt: Statement) -> None:
+        stmts = self.stmts
+        stmts.pop(name, None)
+        stmts[name] = stmt
+        if self._stmt_cap and len(stmts) > self._stmt_cap:
+            del stmts[next(iter(stmts))]
+
+    def _lookup(self, name: bytes, server: ServerConn, out: bytearray) -> Statement | None:
+        stmt = self.stmts.get(name)
+        if stmt is not None and not server.statements.has(stmt):
+            server.prepare_statement(stmt, out)
+        return stmt
+
+    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes | None:
+        name_end = data.index(0, name_at, end)
+        out = bytearray()
+        stmt = self._lookup(bytes(data[name_at:name_end]), server, out)
+        server.pending.append(BIND)
+        server.refs.append(stmt)
+        if stmt is None:
+            return None  # unknown name: the server answers "does not exist" itself
+        assert self.pool is not None
+        self.pool.registry.stats.binds += 1
+        body = data[pos + 5 : name_at] + stmt.server_name + data[name_end:end]
+        out += _pack_hdr(b"B", len(body) + 4)
+        out += body
+        return bytes(out)
+
+    def _describe(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes | None:
+        out = bytearray()
+        stmt = self._lookup(bytes(data[pos + 6 : end - 1]), server, out)
+        if stmt is None:
+            return None
+        out += m.message(b"D", b"S" + stmt.server_name + b"\0")
+        return bytes(out)
+
+    # --- events from the server ---
+
+    def on_ready(self, status: int) -> None:
+        """The server answered everything we sent and reports its transaction status."""
+        self.in_transaction = status != _STATUS_IDLE
+        if self.mode == SESSION:
+            return
+        if status == _STATUS_IDLE:
+            server = self.server
+            assert server is not None and self.pool is not None
+            self.server = None
+            server.client = None
+            reset = self.pool.cfg.server_reset_query
+            if self.app.config.general.server_reset_query_always and reset:
+                server.on_idle = self.pool.release
+                server.send_hidden(reset)
+            else:
+                self.pool.release(server)
+        elif self.mode == STATEMENT:
+            self.fatal(codes.FEATURE_NOT_SUPPORTED,
+                       "transaction blocks not allowed in statement pooling mode")
+
+    def on_server_lost(self, server: ServerConn, reason: str) -> None:
+        if self.server is server:
+            self.server = None
+            self.fatal(codes.CONNECTION_FAILURE, f"server connection lost: {reason}")
+
+    def on_parameter_status(self, name: str, value: str) -> None:
+        self.params[name] = value
+
+    def on_statements_discarded(self) -> None:
+        self.stmts.clear()
+
+    # --- closing ---
+
+    def fatal(self, code: str, message: str) -> None:
+        """Send a FATAL ErrorResponse and close: the client's session cannot go on."""
+        if self.state == CLOSED:
+            return
+        log.info("%s: %s error %s: %s", self.id, self.peer, code, message)
+        self.transport.write(m.error_response(code, message, "FATAL"))
+        self.close(message)
+
+    def close(self, reason: str) -> None:
+        if self.state == CLOSED:
+            return
+        self._finish(reason)
+        self.transport.close()
+
+    def _close_quietly(self) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        self.app.client_disconnected(self)
+        self.transport.close()
+
+    def _finish(self, reason: str) -> None:
+        if self.state == CLOSED:
+            return
+        was_active = self.state == ACTIVE
+        self.state = CLOSED
+        self._cancel_timer()
+        self.app.cancels.unregister(self)
+        self.app.client_disconnected(self)
+        if self.pool is not None:
+            self.pool.cancel_wait(self)
+            self._return_server()
+        if was_active and not self.app.config.general.log_client_disconnections:
+            return
+        age = time.monotonic() - self.connected_at
+        log.info("%s: %s closing because: %s (age=%.0fs)", self.id, self.peer, reason, age)
+
+    def _return_server(self) -> None:
+        """Give the server back clean: roll back, reset (session mode), or close if unsure."""
+        server, pool = self.server, self.pool
+        self.server = None
+        if server is None or pool is None:
+            return
+        server.client = None
+        if server.closed:
+            return
+        if server.pending:
+            server.close("client disconnected with a request in flight")
+            return
+        queries = []
+        if server.status != _STATUS_IDLE:
+            queries.append("ROLLBACK")
+        if self.mode == SESSION and pool.cfg.server_reset_query:
+            queries.append(pool.cfg.server_reset_query)
+        if not queries:
+            pool.release(server)
+            return
+        server.on_idle = pool.release
+        for sql in queries:
+            server.send_hidden(sql)
+        if self.mode == SESSION:
+            server.statements.clear()
+        asyncio.get_running_loop().call_later(RESET_TIMEOUT, _close_if_stuck, server)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+RESET_TIMEOUT = 10.0
+_TRACKED_SET = frozenset(TRACKED_PARAMS) - {"standard_conforming_strings"}
+_PASS_THROUGH = frozenset(b"Hdcf")
+
+
+def _close_if_stuck(server: ServerConn) -> None:
+    if server.on_idle is not None and not server.closed and server.client is None:
+        server.on_idle = None
+        server.close("reset query did not finish in time")

@@ -1,0 +1,293 @@
+"""Parse and validate TOML into the typed schema; every error names FILE:LINE: key."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import difflib
+import importlib.resources
+import re
+import tomllib
+from dataclasses import fields
+from typing import Any
+
+from .durations import parse_duration
+from .locate import LineIndex, Path
+from .schema import (
+    LOG_LEVELS,
+    POOL_MODES,
+    Config,
+    ConfigError,
+    GeneralConfig,
+    PoolConfig,
+    UserConfig,
+)
+
+_GENERAL_KEYS = tuple(f.name for f in fields(GeneralConfig))
+_POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "name")
+_USER_KEYS = tuple(f.name for f in fields(UserConfig))
+_MD5 = re.compile(r"md5[0-9a-fA-F]{32}")
+_B64 = r"((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)"
+_SCRAM = re.compile(rf"SCRAM-SHA-256\$([0-9]{{1,10}}):{_B64}\${_B64}:{_B64}")
+_REQUIRED: Any = object()
+_POOL_DEFAULTS = PoolConfig(name="")  # slotted dataclasses keep no class-level defaults
+
+
+def _type_name(v: object) -> str:
+    # TOML's names, not Python's; bool first because it is an int subclass, datetime before date.
+    for t, name in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "float"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "table"),
+        (datetime.datetime, "datetime"),
+        (datetime.date, "date"),
+        (datetime.time, "time"),
+    ):
+        if isinstance(v, t):
+            return name
+    return type(v).__name__
+
+
+class _Table:
+    """One TOML table being read: typed getters that raise ConfigError pointing at the offending key."""
+
+    def __init__(self, lines: LineIndex, file: str, path: Path, data: dict[str, Any],
+                 known: tuple[str, ...] | None) -> None:
+        self.lines, self.file, self.path, self.data = lines, file, path, data
+        if known is not None:  # unknown keys first: a typo explains a "missing" key better than the miss
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise self.error(key, f"unknown key{hint}")
+
+    def error(self, key: str | Path | None, what: str) -> ConfigError:
+        """Error at this table (key None), one of its keys, or a path below it such as ("host", "1")."""
+        path = (*self.path, *((key,) if isinstance(key, str) else key or ()))
+        line = self.lines.line_of(path)
+        dotted = ".".join(path)
+        return ConfigError(f"{self.file}:{line}: {dotted}: {what}", path=self.file, line=line, key=dotted,
+                           reason=what)
+
+    def _get(self, key: str, default: Any, kind: type | tuple[type, ...], kind_name: str) -> Any:
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise self.error(key, "missing required key")
+            return default
+        v = self.data[key]
+        if (isinstance(v, bool) and kind is not bool) or not isinstance(v, kind):  # bool is an int subclass
+            raise self.error(key, f"expected {kind_name}, got {_type_name(v)}")
+        return v
+
+    def table(self, key: str, known: tuple[str, ...] | None) -> _Table:
+        return _Table(self.lines, self.file, (*self.path, key), self._get(key, {}, dict, "table"), known)
+
+    def string(self, key: str, default: str = _REQUIRED, *, nonempty: bool = False) -> str:
+        v: str = self._get(key, default, str, "string")
+        if nonempty and not v:
+            raise self.error(key, "must not be empty")
+        return v
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v: bool = self._get(key, default, bool, "boolean")
+        return v
+
+    def integer(self, key: str, default: int, lo: int = 0, hi: int | None = None) -> int:
+        v: int = self._get(key, default, int, "integer")
+        if hi is not None and not lo <= v <= hi:
+            raise self.error(key, f"must be between {lo} and {hi}, got {v}")
+        if v < lo:
+            raise self.error(key, f"must be at least {lo}, got {v}")
+        return v
+
+    def enum(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        v = self.string(key, default)
+        if v not in allowed:
+            raise self.error(key, f"invalid value {v!r} (expected one of: {', '.join(allowed)})")
+        return v
+
+    def duration(self, key: str, default: float) -> float:
+        if key not in self.data:
+            return default
+        v = self._get(key, default, (int, float, str), "duration (milliseconds or a string like '5s')")
+        try:
+            return parse_duration(v)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def hosts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        v = self._get(key, default, (str, list), "string or array of strings")
+        items = [v] if isinstance(v, str) else list(v)
+        if not items:
+            raise self.error(key, "must not be empty")
+        for i, h in enumerate(items):
+            where = key if isinstance(v, str) else (key, str(i))
+            if not isinstance(h, str):
+                raise self.error(where, f"expected string, got {_type_name(h)}")
+            if not h:
+                raise self.error(where, "must not be empty")
+        return tuple(items)
+
+
+def _password_problem(pw: str, *, server: bool) -> str | None:
+    """Why `pw` is not a usable password, or None. Like PostgreSQL, only "md5" + 32 hex digits is a
+    hash: any other text starting with "md5" is a plain password."""
+    if pw.startswith("SCRAM-SHA-256$"):
+        if server:
+            return "a SCRAM verifier cannot log in to the server; give the plain text password"
+        m = _SCRAM.fullmatch(pw)  # the regex admits only well-formed base64, so decoding cannot fail
+        if (m is None or not 1 <= int(m[1]) <= 2**31 - 1 or not m[2]  # PostgreSQL keeps it in an int
+                or len(base64.b64decode(m[3])) != 32 or len(base64.b64decode(m[4])) != 32):
+            return ("invalid SCRAM verifier (expected "
+                    "'SCRAM-SHA-256$<iterations>:<base64 salt>$<base64 StoredKey>:<base64 ServerKey>')")
+    return None
+
+
+def _md5_lower(pw: str) -> str:
+    # MD5 hashes are compared as lowercase hex, the way PostgreSQL stores them.
+    return pw.lower() if _MD5.fullmatch(pw) else pw
+
+
+def _user(users: _Table, key: str, pool_mode: str, seen: dict[str, str]) -> UserConfig:
+    """One [pools.X.users.KEY] entry; `seen` maps usernames already defined in this pool to their entry."""
+    u = users.table(key, _USER_KEYS)
+    username = u.string("username", nonempty=True)
+    if username in seen:
+        raise u.error("username", f"duplicate username {username!r} (already in "
+                                  f"{'.'.join(users.path)}.{seen[username]})")
+    seen[username] = key
+    password = u.string("password")
+    if (problem := _password_problem(password, server=False)) is not None:
+        raise u.error("password", problem)
+    pool_size = u.integer("pool_size", 20, lo=1)
+    min_pool_size = u.integer("min_pool_size", 0)
+    if min_pool_size > pool_size:
+        raise u.error("min_pool_size", f"must not exceed pool_size ({pool_size}), got {min_pool_size}")
+    pool_mode = u.enum("pool_mode", pool_mode, POOL_MODES)
+    server_username = u.string("server_username", username, nonempty=True)
+    server_password: str | None = None
+    if "server_password" in u.data:
+        server_password = u.string("server_password")
+        if (problem := _password_problem(server_password, server=True)) is not None:
+            raise u.error("server_password", problem)
+    return UserConfig(
+        username=username,
+        password=_md5_lower(password),
+        pool_size=pool_size,
+        min_pool_size=min_pool_size,
+        pool_mode=pool_mode,
+        server_username=server_username,
+        server_password=None if server_password is None else _md5_lower(server_password),
+    )
+
+
+def _pool(pools: _Table, name: str, g: GeneralConfig) -> PoolConfig:
+    p = pools.table(name, _POOL_KEYS)
+    if not name:
+        raise p.error(None, "pool name must not be empty")
+    pool = PoolConfig(
+        name=name,
+        server_host=p.string("server_host", _POOL_DEFAULTS.server_host, nonempty=True),
+        server_port=p.integer("server_port", _POOL_DEFAULTS.server_port, lo=1, hi=65535),
+        server_database=p.string("server_database", name, nonempty=True),
+        pool_mode=p.enum("pool_mode", g.pool_mode, POOL_MODES),
+        application_name=p.string("application_name", g.application_name),
+        idle_timeout=p.duration("idle_timeout", g.server_idle_timeout),
+        server_lifetime=p.duration("server_lifetime", g.server_lifetime),
+        query_wait_timeout=p.duration("query_wait_timeout", g.query_wait_timeout),
+        prepared_statements_cache_size=p.integer(
+            "prepared_statements_cache_size", g.prepared_statements_cache_size),
+        server_reset_query=p.string("server_reset_query", g.server_reset_query),
+    )
+    # Users come after the pool's own keys so errors surface in file order.
+    users_table = p.table("users", None)  # entry names are free-form ("0", "1", ...)
+    seen: dict[str, str] = {}
+    for key in users_table.data:
+        user = _user(users_table, key, pool.pool_mode, seen)
+        pool.users[user.username] = user  # the dict is ours until parse_config returns
+    return pool
+
+
+def _general(root: _Table) -> GeneralConfig:
+    g = root.table("general", _GENERAL_KEYS)
+    d = GeneralConfig()
+    return GeneralConfig(
+        host=g.hosts("host", d.host),
+        port=g.integer("port", d.port, lo=1, hi=65535),
+        unix_socket_dir=g.string("unix_socket_dir", d.unix_socket_dir),
+        pool_mode=g.enum("pool_mode", d.pool_mode, POOL_MODES),
+        max_client_conn=g.integer("max_client_conn", d.max_client_conn, lo=1),
+        server_connect_timeout=g.duration("server_connect_timeout", d.server_connect_timeout),
+        query_wait_timeout=g.duration("query_wait_timeout", d.query_wait_timeout),
+        server_idle_timeout=g.duration("server_idle_timeout", d.server_idle_timeout),
+        server_lifetime=g.duration("server_lifetime", d.server_lifetime),
+        client_login_timeout=g.duration("client_login_timeout", d.client_login_timeout),
+        client_idle_timeout=g.duration("client_idle_timeout", d.client_idle_timeout),
+        idle_transaction_timeout=g.duration("idle_transaction_timeout", d.idle_transaction_timeout),
+        server_reset_query=g.string("server_reset_query", d.server_reset_query),
+        server_reset_query_always=g.boolean("server_reset_query_always", d.server_reset_query_always),
+        server_check_delay=g.duration("server_check_delay", d.server_check_delay),
+        application_name=g.string("application_name", d.application_name),
+        admin_username=g.string("admin_username", d.admin_username),
+        admin_password=g.string("admin_password", d.admin_password),
+        prepared_statements=g.boolean("prepared_statements", d.prepared_statements),
+        prepared_statements_cache_size=g.integer(
+            "prepared_statements_cache_size", d.prepared_statements_cache_size),
+        client_prepared_statements_cache_size=g.integer(
+            "client_prepared_statements_cache_size", d.client_prepared_statements_cache_size),
+        log_level=g.enum("log_level", d.log_level, LOG_LEVELS),
+        log_client_connections=g.boolean("log_client_connections", d.log_client_connections),
+        log_client_disconnections=g.boolean("log_client_disconnections", d.log_client_disconnections),
+        workers=g.integer("workers", d.workers, lo=1),
+        max_message_size=g.integer("max_message_size", d.max_message_size),
+        tcp_keepalive=g.boolean("tcp_keepalive", d.tcp_keepalive),
+    )
+
+
+def _syntax_error(path: str, text: str, e: tomllib.TOMLDecodeError) -> ConfigError:
+    msg = str(e)
+    m = re.search(r" \(at line (\d+), column (\d+)\)$", msg)
+    if m is not None:
+        line, msg = int(m.group(1)), f"{msg[:m.start()]} (column {m.group(2)})"
+    else:  # "(at end of document)"
+        line, msg = text.count("\n") + 1, msg.replace(" (at end of document)", " at end of file")
+    return ConfigError(f"{path}:{line}: syntax error: {msg}", path=path, line=line, reason=msg)
+
+
+def parse_config(text: str, path: str = "<config>") -> Config:
+    """Parse TOML text into a validated Config; `path` is only used in error messages and Config.path."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntax_error(path, text, e) from None
+    root = _Table(LineIndex(text), path, (), data, ("general", "pools"))
+    general = _general(root)
+    pools_table = root.table("pools", None)
+    pools = {name: _pool(pools_table, name, general) for name in pools_table.data}
+    return Config(general=general, pools=pools, path=path)
+
+
+def load_config(path: str) -> Config:
+    """Read and parse a config file. An unreadable file is reported as `FILE: reason` (there is no line)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}", path=path,
+                          reason=str(e.strerror or e)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: syntax error: invalid UTF-8", path=path, line=line,
+                          reason="invalid UTF-8") from None
+    return parse_config(text, path)
+
+
+def default_config() -> Config:
+    """The embedded default.toml: listen on 127.0.0.1:6432, pool "postgres" -> 127.0.0.1:5432, trust."""
+    resource = importlib.resources.files("pgdoorman.config").joinpath("default.toml")
+    return parse_config(resource.read_text(encoding="utf-8"), str(resource))

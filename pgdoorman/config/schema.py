@@ -1,0 +1,100 @@
+"""Typed, immutable configuration objects produced by the loader.
+
+Field defaults here are the single source of truth for [general] defaults: the loader falls back to
+them for keys a file leaves out. Durations are float seconds; 0 means "disabled / never".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POOL_MODES = ("session", "transaction", "statement")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is `FILE:LINE: key: what is wrong`.
+
+    The parts are also kept as attributes (None when not applicable, e.g. an unreadable file).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class UserConfig:
+    username: str
+    # "" = trust; plain text, "md5<32 hex>" or a SCRAM-SHA-256 verifier. Secrets stay out of repr/logs.
+    password: str = field(repr=False)
+    pool_size: int = 20
+    min_pool_size: int = 0
+    pool_mode: str = "transaction"  # resolved: user > pool > general
+    server_username: str = ""  # resolved by the loader: defaults to username
+    server_password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str  # the client-facing database name
+    server_host: str = "127.0.0.1"  # a path starting with "/" means a unix-socket directory
+    server_port: int = 5432
+    server_database: str = ""  # resolved by the loader: defaults to name
+    pool_mode: str = "transaction"
+    application_name: str = "pgdoorman"
+    idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    query_wait_timeout: float = 5.0
+    prepared_statements_cache_size: int = 8192
+    server_reset_query: str = "DISCARD ALL"
+    users: dict[str, UserConfig] = field(default_factory=dict)  # keyed by username
+
+
+@dataclass(frozen=True, slots=True)
+class GeneralConfig:
+    host: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 6432
+    unix_socket_dir: str = ""  # "" = no unix socket
+    pool_mode: str = "transaction"
+    max_client_conn: int = 5000
+    server_connect_timeout: float = 3.0
+    query_wait_timeout: float = 5.0
+    server_idle_timeout: float = 600.0
+    server_lifetime: float = 3600.0
+    client_login_timeout: float = 60.0
+    client_idle_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    server_reset_query: str = "DISCARD ALL"
+    server_reset_query_always: bool = False
+    server_check_delay: float = 30.0
+    application_name: str = "pgdoorman"
+    admin_username: str = "admin"
+    admin_password: str = field(default="", repr=False)
+    prepared_statements: bool = True
+    prepared_statements_cache_size: int = 8192
+    client_prepared_statements_cache_size: int = 0
+    log_level: str = "info"
+    log_client_connections: bool = True
+    log_client_disconnections: bool = True
+    workers: int = 1
+    max_message_size: int = 0  # 0 = unlimited
+    tcp_keepalive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    pools: dict[str, PoolConfig] = field(default_factory=dict)  # keyed by pool (database) name
+    path: str = "<config>"

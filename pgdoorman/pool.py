@@ -1,0 +1,211 @@
+"""A pool of server connections for one (database, user): LIFO reuse, FIFO waiters, limits, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Protocol
+
+from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
+from pgdoorman.prepared import Registry
+from pgdoorman.protocol import codes
+from pgdoorman.server import ServerConn, ServerError
+
+log = logging.getLogger("pgdoorman.pool")
+
+RETRY_DELAY = 0.5  # after a failed connect, before the next attempt for the same pool
+
+
+class Waiter(Protocol):
+    """A client waiting for a server."""
+
+    waiting: bool
+
+    def assign(self, server: ServerConn) -> None: ...
+    def wait_failed(self, message: str, code: str) -> None: ...
+
+
+class Pool:
+    def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig) -> None:
+        self.db = pool_cfg.name
+        self.user = user_cfg.username
+        self.name = f"{pool_cfg.name}/{user_cfg.username}"
+        self.cfg = pool_cfg
+        self.user_cfg = user_cfg
+        self.general = general
+        self.mode = user_cfg.pool_mode
+        self.pool_size = user_cfg.pool_size
+        self.min_pool_size = user_cfg.min_pool_size
+        self.server_user = user_cfg.server_username
+        self.server_database = pool_cfg.server_database
+        self.application_name = pool_cfg.application_name
+        password = user_cfg.server_password
+        if password is None and user_cfg.password and not _is_hashed(user_cfg.password):
+            password = user_cfg.password
+        if password is None and user_cfg.password.startswith("md5") and self.server_user == self.user:
+            password = user_cfg.password  # an md5 hash is all md5 server auth needs
+        self.server_password = password
+        self.server_password_is_md5 = password is not None and _is_md5(password)
+        self.prepared_enabled = general.prepared_statements and pool_cfg.prepared_statements_cache_size > 0
+        self.prepared_cache_size = pool_cfg.prepared_statements_cache_size
+        self.registry = Registry(max(self.prepared_cache_size, 1))
+        self.idle: list[ServerConn] = []
+        self.waiters: deque[Waiter] = deque()
+        self.servers: set[ServerConn] = set()
+        self.connecting = 0
+        self.server_params: dict[str, str] | None = None
+        self.last_connect_error: tuple[str, str] | None = None
+        self._retry_at = 0.0
+        self._closing = False
+
+    # --- lending ---
+
+    def acquire(self, client: Waiter) -> ServerConn | None:
+        """An idle server now, or None with the client queued (it gets assign() or wait_failed())."""
+        idle = self.idle
+        while idle:
+            server = idle.pop()
+            if not server.closed:
+                return server
+        client.waiting = True
+        self.waiters.append(client)
+        self._grow()
+        return None
+
+    def cancel_wait(self, client: Waiter) -> None:
+        if client.waiting:
+            client.waiting = False
+            try:
+                self.waiters.remove(client)
+            except ValueError:
+                pass
+
+    def release(self, server: ServerConn) -> None:
+        """Take a server back; it is lent again only if idle with nothing owed."""
+        server.client = None
+        if server.closed:
+            return
+        if server.cancels_in_flight:
+            server.parked = True  # the cancel's completion calls release() again
+            return
+        if not server.idle:
+            server.close("released while not idle")
+            return
+        lifetime = self.cfg.server_lifetime
+        if lifetime and time.monotonic() - server.created > lifetime:
+            server.close("server lifetime reached")
+            return
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                client.assign(server)
+                return
+        self.idle.append(server)
+
+    def on_server_closed(self, server: ServerConn) -> None:
+        self.servers.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        if self.waiters and not self._closing:
+            self._grow()
+
+    # --- growing ---
+
+    def _grow(self) -> None:
+        wanted = len(self.waiters) - self.connecting
+        room = self.pool_size - len(self.servers) - self.connecting
+        for _ in range(min(wanted, room)):
+            self._spawn_connect()
+
+    def _spawn_connect(self) -> None:
+        self.connecting += 1
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        delay = self._retry_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            server = await self.connect()
+        except ServerError as exc:
+            self.connecting -= 1
+            self._retry_at = time.monotonic() + RETRY_DELAY
+            self.last_connect_error = (str(exc), exc.code)
+            log.warning("%s: server connect failed: %s", self.name, exc)
+            if not self.servers and self.connecting == 0:
+                self._fail_waiters(f"server login failed: {exc}", exc.code)
+            return
+        self.connecting -= 1
+        self.release(server)
+
+    async def connect(self) -> ServerConn:
+        """Open and authenticate one server connection (counted in self.servers)."""
+        loop = asyncio.get_running_loop()
+        server = ServerConn(self)
+        host, port = self.cfg.server_host, self.cfg.server_port
+        timeout = self.general.server_connect_timeout or None
+        try:
+            async with asyncio.timeout(timeout):
+                if host.startswith("/"):
+                    await loop.create_unix_connection(lambda: server, f"{host}/.s.PGSQL.{port}")
+                else:
+                    await loop.create_connection(lambda: server, host, port)
+                self.servers.add(server)
+                await server.ready
+        except TimeoutError:
+            server.close("connect timeout")
+            raise ServerError(f"could not connect to server {host}:{port}: timeout") from None
+        except OSError as exc:
+            server.close(f"connect failed: {exc}")
+            raise ServerError(f"could not connect to server {host}:{port}: {exc.strerror or exc}") from None
+        except ServerError:
+            self.servers.discard(server)
+            raise
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        self.last_connect_error = None
+        log.info("%s: %s new server connection to %s:%s (backend pid %d)",
+                 server.id, self.name, host, port, server.backend_pid)
+        return server
+
+    def _fail_waiters(self, message: str, code: str) -> None:
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                client.wait_failed(message, code)
+
+    # --- housekeeping (called every second by the app) ---
+
+    def maintain(self) -> None:
+        now = time.monotonic()
+        idle_timeout, lifetime = self.cfg.idle_timeout, self.cfg.server_lifetime
+        keep = self.min_pool_size
+        for server in list(self.idle):
+            if lifetime and now - server.created > lifetime:
+                server.close("server lifetime reached")
+            elif idle_timeout and now - server.last_used > idle_timeout and len(self.servers) > keep:
+                server.close("server idle timeout")
+        missing = self.min_pool_size - len(self.servers) - self.connecting
+        if missing > 0 and now >= self._retry_at and not self._closing:
+            for _ in range(missing):
+                self._spawn_connect()
+
+    def close_all(self, reason: str) -> None:
+        self._closing = True
+        self._fail_waiters(reason, codes.ADMIN_SHUTDOWN)
+        for server in list(self.servers):
+            server.close(reason)
+
+
+def _is_md5(password: str) -> bool:
+    return len(password) == 35 and password.startswith("md5")
+
+
+def _is_hashed(password: str) -> bool:
+    return _is_md5(password) or password.startswith("SCRAM-SHA-256$")

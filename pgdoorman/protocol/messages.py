@@ -1,0 +1,165 @@
+"""Builders and parsers for the PostgreSQL v3 messages the pooler creates or inspects.
+
+Pure functions over bytes: no I/O. The relayed hot path never calls these per message; they
+serve start-up, authentication, errors and the statements the pooler injects itself.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!cI")
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol; the peer gets 08P01 and is closed."""
+
+
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    return _HDR.pack(kind, len(body) + 4) + body
+
+
+def cstr(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    if b"\0" in raw:
+        raise ValueError("NUL byte in protocol string")
+    return raw + b"\0"
+
+
+# --- backend messages (pooler -> client) ---
+
+def error_response(code: str, text: str, severity: str = "ERROR", detail: str | None = None) -> bytes:
+    fields = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(code) + b"M" + cstr(text)
+    if detail:
+        fields += b"D" + cstr(detail)
+    return message(b"E", fields + b"\0")
+
+
+def notice_response(text: str, code: str = "00000", severity: str = "NOTICE") -> bytes:
+    body = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(code) + b"M" + cstr(text) + b"\0"
+    return message(b"N", body)
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def authentication(code: int, data: bytes = b"") -> bytes:
+    return message(b"R", _I32.pack(code) + data)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def backend_key_data(pid: int, key: int) -> bytes:
+    return message(b"K", struct.pack("!ii", pid, key))
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    body = _I32.pack(newest_minor) + _I32.pack(len(unsupported)) + b"".join(cstr(o) for o in unsupported)
+    return message(b"v", body)
+
+
+def parse_complete() -> bytes:
+    return b"1\0\0\0\x04"
+
+
+def close_complete() -> bytes:
+    return b"3\0\0\0\x04"
+
+
+# --- frontend messages (pooler -> server) ---
+
+def startup_message(params: dict[str, str]) -> bytes:
+    body = struct.pack("!i", 196608) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return _I32.pack(len(body) + 4) + body
+
+
+def cancel_request(pid: int, key: int) -> bytes:
+    return struct.pack("!iiii", 16, 80877102, pid, key)
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", cstr(sql))
+
+
+def close_statement(name: bytes) -> bytes:
+    return message(b"C", b"S" + name + b"\0")
+
+
+def parse_message(name: bytes, query_and_types: bytes) -> bytes:
+    """Parse with a new statement name; query_and_types is the rest of a client's Parse body."""
+    return message(b"P", name + b"\0" + query_and_types)
+
+
+TERMINATE = b"X\0\0\0\x04"
+SYNC = b"S\0\0\0\x04"
+
+
+# --- parsers ---
+
+def read_cstr(buf: bytes | memoryview, pos: int) -> tuple[bytes, int]:
+    """The NUL-terminated string at pos and the position after its NUL."""
+    end = bytes(buf[pos:]).find(b"\0") if isinstance(buf, memoryview) else buf.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolError("unterminated string")
+    if isinstance(buf, memoryview):
+        end += pos
+    return bytes(buf[pos:end]), end + 1
+
+
+def parse_startup_params(body: bytes) -> dict[str, str]:
+    """Key/value pairs of a StartupMessage body (after the protocol version)."""
+    params: dict[str, str] = {}
+    pos = 0
+    while True:
+        if pos >= len(body):
+            raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+        if body[pos] == 0:
+            if pos != len(body) - 1:
+                raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+            return params
+        key, pos = read_cstr(body, pos)
+        value, pos = read_cstr(body, pos)
+        try:
+            params[key.decode()] = value.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("invalid startup packet: parameters are not UTF-8") from None
+
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse body keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        code = chr(body[pos])
+        value, pos = read_cstr(body, pos + 1)
+        fields[code] = value.decode("utf-8", "replace")
+    return fields
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    name, pos = read_cstr(body, 0)
+    value, _ = read_cstr(body, pos)
+    return name.decode("utf-8", "replace"), value.decode("utf-8", "replace")
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal that is safe whatever standard_conforming_strings says."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

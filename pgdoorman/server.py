@@ -1,0 +1,398 @@
+"""The server side: connect and authenticate to PostgreSQL, then relay replies to the lent client.
+
+While lent, every request the client sent is tracked in `pending` (one small int per message that
+gets a reply), so the pooler knows when nothing is owed, which replies are its own to hide
+(injected Parse/Close/SET) and where to insert replies it answers itself (Parse of a statement
+the server already has, Close). Replies are forwarded chunk by chunk; a chunk is only copied when
+something in it must be hidden or inserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from pgdoorman.auth import AuthFailed, ScramClient, md5_salted_response
+from pgdoorman.prepared import ServerStatements, Statement
+from pgdoorman.protocol import codes
+from pgdoorman.protocol import messages as m
+
+if TYPE_CHECKING:
+    from pgdoorman.pool import Pool
+
+log = logging.getLogger("pgdoorman.server")
+_unpack_len = struct.Struct("!I").unpack_from
+_unpack_i32 = struct.Struct("!i").unpack_from
+_ids = itertools.count(1)
+
+# Kinds of outstanding requests, in the order the server will answer them.
+QUERY = 1  # simple Query or FunctionCall: everything up to ReadyForQuery
+SYNC = 2
+PARSE = 3
+BIND = 4
+DESCRIBE = 5
+EXECUTE = 6
+CLOSE = 7
+HIDDEN_QUERY = 8  # pooler's own query (SET, ROLLBACK, reset): all replies hidden
+HIDDEN_PARSE = 9  # Parse injected before a Bind/Describe: ParseComplete hidden
+HIDDEN_CLOSE = 10  # eviction: CloseComplete hidden
+SYNTH_PARSE = 11  # client Parse of a statement the server has: pooler answers ParseComplete
+SYNTH_CLOSE = 12  # client Close of a statement: pooler answers CloseComplete
+_SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
+_HAS_REF = (PARSE, HIDDEN_PARSE, BIND)
+
+_Z, _E, _S = 90, 69, 83
+_STATUS_IDLE = 73  # 'I'
+_CACHED_PLAN_MSG = "cached plan must not change result type"
+
+
+class ClientLink(Protocol):
+    """What a server needs from the client it is lent to."""
+
+    transport: asyncio.Transport
+
+    def on_ready(self, status: int) -> None: ...
+    def on_server_lost(self, server: ServerConn, reason: str) -> None: ...
+    def on_parameter_status(self, name: str, value: str) -> None: ...
+    def on_statements_discarded(self) -> None: ...
+
+
+class ServerError(Exception):
+    """Connecting or authenticating to PostgreSQL failed; carries what the client should see."""
+
+    def __init__(self, message: str, code: str = codes.CONNECTION_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServerConn(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self.id = f"S-{next(_ids)}"
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientLink | None = None
+        self.pending: deque[int] = deque()
+        self.refs: deque[Statement | None] = deque()
+        self.statements = ServerStatements(max(pool.prepared_cache_size, 1))
+        self.params: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_key = 0
+        self.status = _STATUS_IDLE
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.cancels_in_flight = 0
+        self.parked = False  # released while a cancel was in flight
+        self.closed = False
+        self.close_reason = ""
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.on_idle: Callable[[ServerConn], None] | None = None  # reset done; else released to pool
+        self._handshaking = True
+        self._inbuf = bytearray()
+        self._scram: ScramClient | None = None
+        self._partial = b""
+        self._skip = 0
+
+    # --- handshake ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        params = {"user": self.pool.server_user, "database": self.pool.server_database}
+        if self.pool.application_name:
+            params["application_name"] = self.pool.application_name
+        transport.write(m.startup_message(params))
+
+    def _handshake(self, data: bytes) -> None:
+        self._inbuf += data
+        buf = self._inbuf
+        while len(buf) >= 5:
+            length = _unpack_len(buf, 1)[0]
+            if len(buf) < length + 1:
+                return
+            kind, body = buf[0], bytes(buf[5 : length + 1])
+            del buf[: length + 1]
+            try:
+                self._handshake_message(kind, body)
+            except (AuthFailed, ServerError, m.ProtocolError, ValueError) as exc:
+                code = exc.code if isinstance(exc, ServerError) else codes.CONNECTION_FAILURE
+                self._fail_handshake(ServerError(str(exc), code))
+                return
+            if not self._handshaking:
+                if buf:
+                    rest, self._inbuf = bytes(buf), bytearray()
+                    self.data_received(rest)
+                return
+
+    def _handshake_message(self, kind: int, body: bytes) -> None:
+        if kind == ord("R"):
+            self._auth_request(_unpack_i32(body, 0)[0], body[4:])
+        elif kind == _S:
+            name, value = m.parse_parameter_status(body)
+            self.params[name] = value
+        elif kind == ord("K"):
+            self.backend_pid, self.backend_key = struct.unpack("!ii", body[:8])
+        elif kind == _Z:
+            self._handshaking = False
+            self.status = body[0]
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == _E:
+            fields = m.parse_error_fields(body)
+            raise ServerError(fields.get("M", "server error"), fields.get("C", codes.CONNECTION_FAILURE))
+        elif kind == ord("v"):
+            pass  # NegotiateProtocolVersion: we asked for nothing optional
+        elif kind != ord("N"):
+            raise ServerError(f"unexpected message {chr(kind)!r} during server login")
+
+    def _auth_request(self, code: int, data: bytes) -> None:
+        assert self.transport is not None
+        password = self.pool.server_password
+        if code == codes.AUTH_OK:
+            return
+        if password is None:
+            raise ServerError(f"no password for server login of user \"{self.pool.server_user}\"",
+                              codes.INVALID_PASSWORD)
+        if code == codes.AUTH_CLEARTEXT:
+            self.transport.write(m.password_message(m.cstr(password)))
+        elif code == codes.AUTH_MD5:
+            hashed = password if self.pool.server_password_is_md5 else _md5(password, self.pool.server_user)
+            self.transport.write(m.password_message(m.cstr(md5_salted_response(hashed, data[:4]))))
+        elif code == codes.AUTH_SASL:
+            if b"SCRAM-SHA-256\0" not in data:
+                raise ServerError("server offers no supported SASL mechanism")
+            self._scram = ScramClient(password)
+            self.transport.write(m.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first()))
+        elif code == codes.AUTH_SASL_CONTINUE and self._scram:
+            self.transport.write(m.password_message(self._scram.handle_server_first(data)))
+        elif code == codes.AUTH_SASL_FINAL and self._scram:
+            self._scram.verify_server_final(data)
+        else:
+            raise ServerError(f"unsupported server authentication request {code}")
+
+    def _fail_handshake(self, exc: ServerError) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self.close(f"login failed: {exc}")
+
+    # --- relaying ---
+
+    def data_received(self, data: bytes) -> None:  # noqa: C901 - the hot loop stays in one frame
+        if self._handshaking:
+            self._handshake(data)
+            return
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            self._emit(data)
+            return
+        self._skip = 0
+        pending = self.pending
+        out: bytearray | None = None  # built only when something is hidden or inserted
+        copied = 0  # data[:copied] is already in out (or to be dropped)
+        ready = -1
+        while pos < n:
+            if pos + 5 > n:
+                break
+            kind = data[pos]
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            if end > n:
+                if kind == 68 or kind == 100:  # DataRow / CopyData: stream the rest through
+                    self._skip = end - n
+                    pos = n
+                break
+            if kind == 68 or not pending:
+                if kind == _S or kind == _E:
+                    self._unsolicited(kind, data[pos + 5 : end])
+                pos = end
+                continue
+            head = pending[0]
+            hide = head == HIDDEN_QUERY
+            popped = False
+            if kind == _Z:
+                pending.popleft()
+                popped = True
+                self.status = data[pos + 5]
+                if not pending:
+                    ready = self.status
+            elif kind == 49:  # ParseComplete
+                pending.popleft()
+                self.refs.popleft()
+                popped = True
+                hide = head == HIDDEN_PARSE
+            elif kind == 50:  # BindComplete
+                pending.popleft()
+                self.refs.popleft()
+                popped = True
+            elif kind == 51:  # CloseComplete
+                pending.popleft()
+                popped = True
+                hide = head == HIDDEN_CLOSE
+            elif kind == 84 or kind == 110:  # RowDescription / NoData
+                if head == DESCRIBE:
+                    pending.popleft()
+                    popped = True
+            elif kind == 67 or kind == 73 or kind == 115:  # CommandComplete / EmptyQuery / Suspended
+                if head == EXECUTE:
+                    pending.popleft()
+                    popped = True
+                if kind == 67 and data[pos + 5] == 68:  # "D...": DISCARD ALL / DEALLOCATE ALL
+                    self._check_discard(data[pos + 5 : end - 1])
+            elif kind == _E:
+                popped = self._error(head, data[pos + 5 : end])
+            elif kind == _S:
+                self._parameter_status(data[pos + 5 : end], hide)
+            extra = b""
+            if popped:
+                while pending and pending[0] >= SYNTH_PARSE:
+                    extra += _SYNTH_REPLY[pending.popleft()]
+            if hide or extra:
+                if out is None:
+                    out = bytearray()
+                out += data[copied : end if not hide else pos]
+                out += extra
+                copied = end
+            pos = end
+        if pos < n and not self._skip:
+            self._partial = data[pos:]
+            tail_end = pos
+        else:
+            tail_end = n
+        if out is None:
+            self._emit(data if tail_end == n else data[:tail_end])
+        else:
+            out += data[copied:tail_end]
+            if out:
+                self._emit(out)
+        if ready >= 0:
+            self._on_ready(ready)
+
+    def _emit(self, data: bytes | bytearray) -> None:
+        client = self.client
+        if client is not None:
+            client.transport.write(data)
+
+    def _on_ready(self, status: int) -> None:
+        self.last_used = time.monotonic()
+        if self.client is not None:
+            self.client.on_ready(status)
+        elif self.on_idle is not None:
+            callback, self.on_idle = self.on_idle, None
+            callback(self)
+
+    def _unsolicited(self, kind: int, body: bytes) -> None:
+        if kind == _S:
+            self._parameter_status(body, hide=False)
+        elif self.client is None:
+            fields = m.parse_error_fields(body)
+            log.warning("%s: server says: %s %s", self.id, fields.get("C"), fields.get("M"))
+
+    def _parameter_status(self, body: bytes, hide: bool) -> None:
+        name, value = m.parse_parameter_status(body)
+        self.params[name] = value
+        if not hide and self.client is not None:
+            self.client.on_parameter_status(name, value)
+
+    def _check_discard(self, tag: bytes) -> None:
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+            self.statements.clear()
+            if self.client is not None:
+                self.client.on_statements_discarded()
+
+    def _error(self, head: int, body: bytes) -> bool:
+        """An ErrorResponse: in extended protocol the server now skips everything until Sync."""
+        if head == QUERY or head == HIDDEN_QUERY:
+            if head == HIDDEN_QUERY:
+                fields = m.parse_error_fields(body)
+                log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
+            return False
+        if head == BIND:
+            ref = self.refs[0]
+            if ref is not None and _CACHED_PLAN_MSG.encode() in body:
+                # The plan went stale after DDL: forget it here so the next use re-prepares.
+                self.statements.discard(ref)
+                self.statements.stale.add(ref)
+        pending, refs = self.pending, self.refs
+        while pending and pending[0] != SYNC and pending[0] != QUERY and pending[0] != HIDDEN_QUERY:
+            kind = pending.popleft()
+            if kind in _HAS_REF:
+                ref = refs.popleft()
+                if ref is not None and kind != BIND:
+                    self.statements.discard(ref)  # its Parse never ran
+        return True
+
+    # --- used by the client and the pool ---
+
+    def prepare_statement(self, stmt: Statement, out: bytearray, hidden: bool = True) -> None:
+        """Append to out the Parse that makes stmt exist here (after Closes of a stale copy or an
+        evicted statement); a hidden Parse's ParseComplete never reaches the client."""
+        stats = self.pool.registry.stats
+        if stmt in self.statements.stale:
+            self.statements.stale.discard(stmt)
+            out += stmt.close_msg
+            self.pending.append(HIDDEN_CLOSE)
+        victim = self.statements.add(stmt)
+        if victim is not None:
+            out += victim.close_msg
+            self.pending.append(HIDDEN_CLOSE)
+            stats.evictions += 1
+        out += stmt.parse_msg
+        self.pending.append(HIDDEN_PARSE if hidden else PARSE)
+        self.refs.append(stmt)
+        stats.server_parses += 1
+
+    def send_hidden(self, sql: str) -> None:
+        """Run the pooler's own query; all of its replies are hidden."""
+        assert self.transport is not None
+        self.pending.append(HIDDEN_QUERY)
+        self.transport.write(m.query(sql))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing owed and not in a transaction: safe to lend to anyone."""
+        return not self.pending and self.status == _STATUS_IDLE and not self.closed
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("%s: %s closing because: %s", self.id, self.pool.name, reason)
+        if self.transport is not None:
+            if not self._handshaking:
+                self.transport.write(m.TERMINATE)
+            self.transport.close()
+        self.pool.on_server_closed(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"server connection lost ({exc})" if exc else "server closed the connection"
+        if not self.ready.done():
+            self.ready.set_exception(ServerError(reason))
+        if self.closed:
+            return
+        client = self.client
+        self.close(reason)
+        if client is not None:
+            client.on_server_lost(self, reason)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+
+def _md5(password: str, user: str) -> str:
+    from pgdoorman.auth import md5_hash
+
+    return md5_hash(password, user)
