@@ -67,7 +67,7 @@ class App:
             log.info("listening on unix socket %s", path)
         if g.tcp_keepalive:
             for listener in self._listeners:
-                for sock in listener.sockets:
+                for sock in getattr(listener, "sockets", ()):
                     if sock.family != socket.AF_UNIX:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for pool in self.pools.values():

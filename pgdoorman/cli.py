@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from pgdoorman import __version__
 from pgdoorman.config import Config, ConfigError, default_config, load_config
@@ -35,6 +37,15 @@ def setup_logging(level: str) -> None:
     )
 
 
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # the pure-asyncio fallback keeps working, just slower
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
@@ -51,16 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.log_level or config.general.log_level)
     logging.getLogger("pgdoorman").info("pgdoorman %s starting with %s", __version__, config.path)
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pure-asyncio fallback keeps working, just slower
-        runner = asyncio.run
     from pgdoorman.app import serve
 
     try:
-        runner(serve(config))
+        _run(serve(config))
     except OSError as exc:
         logging.getLogger("pgdoorman").error("cannot start: %s", exc)
         return 1

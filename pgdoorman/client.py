@@ -8,7 +8,7 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
 from pgdoorman.prepared import Statement
@@ -83,7 +83,7 @@ class ClientConn(asyncio.Protocol):
     # --- connection events ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.app.client_connected(self)
@@ -475,7 +475,9 @@ class ClientConn(asyncio.Protocol):
             server.prepare_statement(stmt, out)
         return stmt
 
-    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes | None:
+    def _bind(
+        self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn
+    ) -> bytes | None:
         name_end = data.index(0, name_at, end)
         out = bytearray()
         stmt = self._lookup(bytes(data[name_at:name_end]), server, out)

@@ -16,7 +16,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from pgdoorman.auth import AuthFailed, ScramClient, md5_salted_response
 from pgdoorman.prepared import ServerStatements, Statement
@@ -101,11 +101,11 @@ class ServerConn(asyncio.Protocol):
     # --- handshake ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         params = {"user": self.pool.server_user, "database": self.pool.server_database}
         if self.pool.application_name:
             params["application_name"] = self.pool.application_name
-        transport.write(m.startup_message(params))
+        self.transport.write(m.startup_message(params))
 
     def _handshake(self, data: bytes) -> None:
         self._inbuf += data
