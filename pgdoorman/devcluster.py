@@ -117,16 +117,14 @@ class Cluster:
             f.write("\n".join(hba) + "\n")
 
     def _create_roles(self) -> None:
-        sql: list[str] = []
         for r in self.roles:
+            # One psql session per role, so password_encryption applies to its CREATE ROLE.
             encryption = "md5" if r.method == "md5" else "scram-sha-256"
-            sql.append(f"SET password_encryption = '{encryption}';")
             pw = "NULL" if r.password is None else "'" + r.password.replace("'", "''") + "'"
-            sql.append(f'CREATE ROLE "{r.name}" LOGIN SUPERUSER PASSWORD {pw};')
+            self.psql(f"SET password_encryption = '{encryption}'; "
+                      f'CREATE ROLE "{r.name}" LOGIN SUPERUSER PASSWORD {pw};')
         for db in self.databases:
-            sql.append(f'CREATE DATABASE "{db}";')
-        for stmt in sql:
-            self.psql(stmt)
+            self.psql(f'CREATE DATABASE "{db}";')
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         out = subprocess.run(

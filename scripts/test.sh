@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs (idempotent), then runs it.
+# Usage: scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15 postgresql-client-15)
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
+command -v go >/dev/null || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/jackc/pgx ] || need_apt+=(golang-github-jackc-pgx-v4-dev)
+command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# A Debian postgresql install starts a cluster on 5432; the tests make their own.
+python3 -m pip install -q --disable-pip-version-check -e '.[test,dev,bench]'
+ruff check pgdoorman tests bench
+mypy pgdoorman
+exec python3 -m pytest -q -p no:cacheprovider "$@"
