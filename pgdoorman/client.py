@@ -69,11 +69,12 @@ class ClientConn(asyncio.Protocol):
         self.in_transaction = False
         self._rewrite = False
         self._stmt_cap = 0
+        self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray()  # login-phase input
         self._held: bytearray | None = None  # requests waiting for a server
         self._partial = b""
         self._skip = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # login timeout, then query_wait_timeout
         self._auth_kind = ""
         self._secret: StoredSecret | None = None
         self._salt = b""
@@ -292,6 +293,7 @@ class ClientConn(asyncio.Protocol):
 
     def _start_wait_timer(self) -> None:
         assert self.pool is not None
+        self._cancel_timer()  # during login this replaces the login timer: waiting has its own limit
         timeout = self.pool.cfg.query_wait_timeout
         if timeout:
             self._timer = asyncio.get_running_loop().call_later(timeout, self._wait_timeout)
@@ -369,8 +371,8 @@ class ClientConn(asyncio.Protocol):
             kind = data[pos]
             length = _unpack_len(data, pos + 1)[0]
             end = pos + 1 + length
-            if length < 4:
-                self.fatal(codes.PROTOCOL_VIOLATION, "invalid message length")
+            if length < 4 or length > self._max_message:
+                self.fatal(codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
                 return
             if end > n:
                 if kind not in _WHOLE:
@@ -605,6 +607,7 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 _TRACKED_SET = frozenset(TRACKED_PARAMS) - {"standard_conforming_strings"}
 _PASS_THROUGH = frozenset(b"Hdcf")
 
