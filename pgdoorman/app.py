@@ -16,7 +16,7 @@ from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
 
 log = logging.getLogger("pgdoorman")
-TICK = 1.0  # housekeeping period, seconds
+TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_timeout
 
 
 class App:

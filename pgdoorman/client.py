@@ -74,7 +74,9 @@ class ClientConn(asyncio.Protocol):
         self._held: bytearray | None = None  # requests waiting for a server
         self._partial = b""
         self._skip = 0
-        self._timer: asyncio.TimerHandle | None = None  # login timeout, then query_wait_timeout
+        self._timer: asyncio.TimerHandle | None = None  # login timeout
+        self._paused = False
+        self.wait_since = 0.0  # set by the pool while waiting for a server
         self._auth_kind = ""
         self._secret: StoredSecret | None = None
         self._salt = b""
@@ -103,6 +105,9 @@ class ClientConn(asyncio.Protocol):
                 self._forward(data, server)
             elif self._held is not None:
                 self._held += data
+                if len(self._held) > HOLD_LIMIT and not self._paused:
+                    self._paused = True
+                    self.transport.pause_reading()
             else:
                 self._held = bytearray(data)
                 self._need_server()
@@ -245,8 +250,6 @@ class ClientConn(asyncio.Protocol):
             server = self.pool.acquire(self)
             if server is not None:
                 self.assign(server)
-            else:
-                self._start_wait_timer()
         else:
             self._welcome()
 
@@ -287,24 +290,8 @@ class ClientConn(asyncio.Protocol):
         server = self.pool.acquire(self)
         if server is not None:
             self.assign(server)
-        else:
-            self.transport.pause_reading()
-            self._start_wait_timer()
-
-    def _start_wait_timer(self) -> None:
-        assert self.pool is not None
-        self._cancel_timer()  # during login this replaces the login timer: waiting has its own limit
-        timeout = self.pool.cfg.query_wait_timeout
-        if timeout:
-            self._timer = asyncio.get_running_loop().call_later(timeout, self._wait_timeout)
-
-    def _wait_timeout(self) -> None:
-        self._timer = None
-        assert self.pool is not None
-        self.pool.cancel_wait(self)
-        timeout = self.pool.cfg.query_wait_timeout
-        self.fatal(codes.PROTOCOL_VIOLATION,
-                   f"query_wait_timeout: no server connection became available within {timeout:g}s")
+        # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
+        # housekeeping, so waiting costs no timer and no epoll change per transaction)
 
     def wait_failed(self, message: str, code: str) -> None:
         self._cancel_timer()
@@ -319,6 +306,7 @@ class ClientConn(asyncio.Protocol):
             return
         self.server = server
         server.client = self
+        server.refuse_transactions = self.mode == STATEMENT
         if self.state == WAIT_LOGIN:
             if self.mode != SESSION:
                 self.server = None
@@ -329,9 +317,11 @@ class ClientConn(asyncio.Protocol):
                 return
         self._sync_params(server)
         held, self._held = self._held, None
-        if held:
+        if self._paused:
+            self._paused = False
             self.transport.resume_reading()
-            self._forward(bytes(held), server)
+        if held:
+            self._forward(held, server)
 
     def _sync_params(self, server: ServerConn) -> None:
         sets = [
@@ -607,6 +597,7 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 _TRACKED_SET = frozenset(TRACKED_PARAMS) - {"standard_conforming_strings"}
 _PASS_THROUGH = frozenset(b"Hdcf")

@@ -22,6 +22,7 @@ class Waiter(Protocol):
     """A client waiting for a server."""
 
     waiting: bool
+    wait_since: float
 
     def assign(self, server: ServerConn) -> None: ...
     def wait_failed(self, message: str, code: str) -> None: ...
@@ -70,6 +71,7 @@ class Pool:
             if not server.closed:
                 return server
         client.waiting = True
+        client.wait_since = time.monotonic()
         self.waiters.append(client)
         self._grow()
         return None
@@ -155,17 +157,14 @@ class Pool:
                     await loop.create_unix_connection(lambda: server, f"{host}/.s.PGSQL.{port}")
                 else:
                     await loop.create_connection(lambda: server, host, port)
-                self.servers.add(server)
                 await server.ready
+            self.servers.add(server)  # only now: until ready it is counted in self.connecting
         except TimeoutError:
             server.close("connect timeout")
             raise ServerError(f"could not connect to server {host}:{port}: timeout") from None
         except OSError as exc:
             server.close(f"connect failed: {exc}")
             raise ServerError(f"could not connect to server {host}:{port}: {exc.strerror or exc}") from None
-        except ServerError:
-            self.servers.discard(server)
-            raise
         if self.server_params is None:
             self.server_params = dict(server.params)
         self.last_connect_error = None
@@ -182,8 +181,24 @@ class Pool:
 
     # --- housekeeping (called every second by the app) ---
 
+    def expire_waiters(self, now: float) -> None:
+        """Fail clients that waited longer than query_wait_timeout (oldest are at the front)."""
+        timeout = self.cfg.query_wait_timeout
+        waiters = self.waiters
+        while waiters and timeout:
+            client = waiters[0]
+            if client.waiting and now - client.wait_since < timeout:
+                return
+            waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                client.wait_failed(
+                    f"query_wait_timeout: no server connection became available within {timeout:g}s",
+                    codes.PROTOCOL_VIOLATION)
+
     def maintain(self) -> None:
         now = time.monotonic()
+        self.expire_waiters(now)
         idle_timeout, lifetime = self.cfg.idle_timeout, self.cfg.server_lifetime
         keep = self.min_pool_size
         for server in list(self.idle):

@@ -88,6 +88,7 @@ class ServerConn(asyncio.Protocol):
         self.last_used = self.created
         self.cancels_in_flight = 0
         self.parked = False  # released while a cancel was in flight
+        self.refuse_transactions = False  # lent in statement mode
         self.closed = False
         self.close_reason = ""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -267,11 +268,14 @@ class ServerConn(asyncio.Protocol):
         else:
             tail_end = n
         if out is None:
-            self._emit(data if tail_end == n else data[:tail_end])
+            payload: bytes | bytearray = data if tail_end == n else data[:tail_end]
         else:
             out += data[copied:tail_end]
-            if out:
-                self._emit(out)
+            payload = out
+        if ready >= 0 and ready != _STATUS_IDLE and self.refuse_transactions:
+            payload = b""  # statement mode: the client gets only the error, its session ends
+        if payload:
+            self._emit(payload)
         if ready >= 0:
             self._on_ready(ready)
 
