@@ -24,7 +24,10 @@ from pgdoorman.server import (
     SYNC,
     SYNTH_CLOSE,
     SYNTH_PARSE,
+    TRACKED_PARAMS,
     ServerConn,
+    tracked_values,
+    with_tracked,
 )
 
 if TYPE_CHECKING:
@@ -41,10 +44,6 @@ STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
 
-# Session settings a server reports with ParameterStatus and that clients may change: the pooler
-# keeps each client's values and SETs them on whichever server the client is lent.
-TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
-                  "standard_conforming_strings", "application_name")
 _TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 # Messages a client may send whose bytes the pooler reads as a whole (named statements).
 _WHOLE = frozenset(b"PBDCX")
@@ -62,6 +61,7 @@ class ClientConn(asyncio.Protocol):
         self.server: ServerConn | None = None
         self.waiting = False
         self.params: dict[str, str] = {}  # the values this client believes its session has
+        self.tracked: tuple[str | None, ...] = ()  # its TRACKED_PARAMS values
         self.stmts: dict[bytes, Statement] = {}  # client's statement name -> shared statement
         self.cancel_key: tuple[int, int] = (0, 0)
         self.connected_at = time.monotonic()
@@ -261,8 +261,9 @@ class ClientConn(asyncio.Protocol):
             if name is not None:
                 params[name] = value
         if "application_name" not in self._startup:
-            params.pop("application_name", None)
+            params["application_name"] = self.pool.application_name
         self.params = params
+        self.tracked = tracked_values(params)
         out = bytearray()
         for name, value in params.items():
             out += m.parameter_status(name, value)
@@ -324,10 +325,12 @@ class ClientConn(asyncio.Protocol):
             self._forward(held, server)
 
     def _sync_params(self, server: ServerConn) -> None:
+        if server.tracked == self.tracked:
+            return
         sets = [
-            f"SET {m.quote_ident(name)} TO {m.quote_literal(value)}"
-            for name, value in self.params.items()
-            if name in _TRACKED_SET and server.params.get(name) != value
+            f"SET {m.quote_ident(name)} TO {m.quote_literal(mine)}"
+            for name, mine, theirs in zip(TRACKED_PARAMS, self.tracked, server.tracked, strict=True)
+            if mine is not None and mine != theirs
         ]
         if sets:
             server.send_hidden(";".join(sets))
@@ -379,6 +382,11 @@ class ClientConn(asyncio.Protocol):
             elif kind == 80:  # Parse
                 if data[pos + 5] != 0 and self._rewrite:
                     replaced = self._parse(data, pos, end, server)
+                elif data[pos + 5] != 0 and self.mode != SESSION:
+                    self.fatal(codes.FEATURE_NOT_SUPPORTED,
+                               "named prepared statements need prepared_statements = true and "
+                               f"prepared_statements_cache_size > 0 in {self.mode} pooling mode")
+                    return
                 else:
                     pending.append(PARSE)
                     refs.append(None)
@@ -521,6 +529,7 @@ class ClientConn(asyncio.Protocol):
 
     def on_parameter_status(self, name: str, value: str) -> None:
         self.params[name] = value
+        self.tracked = with_tracked(self.tracked, name, value)
 
     def on_statements_discarded(self) -> None:
         self.stmts.clear()
@@ -599,7 +608,6 @@ class ClientConn(asyncio.Protocol):
 RESET_TIMEOUT = 10.0
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
-_TRACKED_SET = frozenset(TRACKED_PARAMS) - {"standard_conforming_strings"}
 _PASS_THROUGH = frozenset(b"Hdcf")
 
 

@@ -51,6 +51,23 @@ _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
 _CACHED_PLAN_MSG = "cached plan must not change result type"
 
+# Session settings clients may change and servers report with ParameterStatus: each client's values
+# are SET on whichever server it is lent. Kept as a tuple so "same?" is one comparison per loan.
+TRACKED_PARAMS = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name")
+_TRACKED_INDEX = {name: i for i, name in enumerate(TRACKED_PARAMS)}
+
+
+def tracked_values(params: dict[str, str]) -> tuple[str | None, ...]:
+    return tuple(params.get(name) for name in TRACKED_PARAMS)
+
+
+def with_tracked(values: tuple[str | None, ...], name: str, value: str) -> tuple[str | None, ...]:
+    """values with one tracked parameter changed (unchanged if name is not tracked)."""
+    i = _TRACKED_INDEX.get(name)
+    if i is None or values[i] == value:
+        return values
+    return values[:i] + (value,) + values[i + 1 :]
+
 
 class ClientLink(Protocol):
     """What a server needs from the client it is lent to."""
@@ -81,6 +98,7 @@ class ServerConn(asyncio.Protocol):
         self.refs: deque[Statement | None] = deque()
         self.statements = ServerStatements(max(pool.prepared_cache_size, 1))
         self.params: dict[str, str] = {}
+        self.tracked: tuple[str | None, ...] = ()
         self.backend_pid = 0
         self.backend_key = 0
         self.status = _STATUS_IDLE
@@ -140,6 +158,7 @@ class ServerConn(asyncio.Protocol):
         elif kind == _Z:
             self._handshaking = False
             self.status = body[0]
+            self.tracked = tracked_values(self.params)
             if not self.ready.done():
                 self.ready.set_result(None)
         elif kind == _E:
@@ -302,6 +321,7 @@ class ServerConn(asyncio.Protocol):
     def _parameter_status(self, body: bytes, hide: bool) -> None:
         name, value = m.parse_parameter_status(body)
         self.params[name] = value
+        self.tracked = with_tracked(self.tracked, name, value)
         if not hide and self.client is not None:
             self.client.on_parameter_status(name, value)
 

@@ -119,12 +119,13 @@ def test_statement_mode_driver_transaction_refused(pooler):
 
 
 # --------------------------------------------------------- named protocol prepared statements
-# Issue #3 makes these work in transaction mode. Until then: a correct result, or a clear error
-# that mentions prepared statements. Never somebody else's statement.
+# They work in transaction mode: every result must be right, and never from somebody else's
+# statement. (With prepared_statements_cache_size = 0 they end the client with a clear error:
+# test_named_statement_with_rewriting_off.)
 
 
 def _ok_or_prepared_error(exc: BaseException) -> None:
-    assert "prepared statement" in str(exc).lower(), f"unclear error: {exc!r}"
+    raise AssertionError(f"named prepared statement failed through the pooler: {exc!r}")
 
 
 async def test_named_prepared_statements_asyncpg_default_cache(start_pooler):
@@ -160,7 +161,17 @@ async def test_named_prepared_statements_asyncpg_default_cache(start_pooler):
     finally:
         for c in conns:
             c.terminate()
-    print("named prepared statements (asyncpg):", outcomes)
+    assert outcomes == {"ok": 4 * 25, "error": 0}
+
+
+def test_named_statement_with_rewriting_off(start_pooler):
+    """prepared_statements_cache_size = 0 in transaction mode: a named statement gets a clear error."""
+    p = start_pooler(pool_config("prep", pool_size=1, prepared_statements_cache_size=0))
+    with pconnect(p, "prep", prepare_threshold=0) as conn, pytest.raises(psycopg.Error) as ei:
+        conn.execute("SELECT %s::int", (1,))
+    assert "prepared statement" in str(ei.value).lower(), repr(ei.value)
+    with pconnect(p, "prep") as other:
+        assert other.execute("SELECT %s::int", (2,)).fetchone() == (2,)
 
 
 def test_named_prepared_statements_psycopg_name_collision(start_pooler):

@@ -1,0 +1,51 @@
+"""Session parameters follow their client in transaction mode: a SET on a shared server never leaks.
+
+The pooler keeps each client's client_encoding, DateStyle, TimeZone, IntervalStyle and
+application_name, and SETs them on whichever server the client is lent.
+"""
+
+from __future__ import annotations
+
+from helpers import pconnect, pool_config
+
+
+def _show(conn, name: str) -> str:
+    return conn.execute(f"SHOW {name}").fetchone()[0]
+
+
+def test_set_does_not_leak_to_next_client(start_pooler):
+    pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
+    with pconnect(pooler) as a, pconnect(pooler) as b:
+        default_tz = _show(b, "TimeZone")
+        a.execute("SET TimeZone = 'Pacific/Chatham'")
+        a.execute("SET DateStyle = 'SQL, DMY'")
+        a.execute("SET application_name = 'client-a'")
+        # One server: B runs on the very connection A changed, and must see its own settings.
+        assert _show(b, "TimeZone") == default_tz
+        assert _show(b, "DateStyle") == "ISO, MDY"
+        assert _show(b, "application_name") != "client-a"
+        # A gets its settings back on its next transaction.
+        assert _show(a, "TimeZone") == "Pacific/Chatham"
+        assert _show(a, "DateStyle") == "SQL, DMY"
+        assert _show(a, "application_name") == "client-a"
+        assert b.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'client-a'"
+                         ).fetchone() == (0,)
+
+
+def test_startup_parameters_apply_per_client(start_pooler):
+    pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
+    with pconnect(pooler, application_name="app-one") as a, \
+            pconnect(pooler, application_name="app-two") as b:
+        for _ in range(3):
+            assert _show(a, "application_name") == "app-one"
+            assert _show(b, "application_name") == "app-two"
+        assert a.info.parameter_status("application_name") == "app-one"
+
+
+def test_quoting_of_replayed_values(start_pooler):
+    """A value with quotes and backslashes is replayed as a literal, never spliced into SQL."""
+    pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
+    tricky = "x'; SELECT pg_sleep(10); --\\"
+    with pconnect(pooler, application_name=tricky) as a, pconnect(pooler) as b:
+        b.execute("SELECT 1")
+        assert _show(a, "application_name") == tricky
