@@ -288,11 +288,45 @@ class ClientConn(asyncio.Protocol):
         if self._held[:1] == b"X":
             self.close("client close request")
             return
+        if self._rewrite and self._held[:1] == b"P" and self._prepare_locally(self._held):
+            self._held = None
+            return
         server = self.pool.acquire(self)
         if server is not None:
             self.assign(server)
         # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
         # housekeeping, so waiting costs no timer and no epoll change per transaction)
+
+    def _prepare_locally(self, data: bytearray) -> bool:
+        """Answer "Parse(named)... Sync" outside a transaction without a server when every statement
+        is one the pool has already prepared successfully: libpq's PQprepare (pgbench -M prepared)
+        then never waits for a server while its thread's other connections hold them all."""
+        assert self.pool is not None
+        registry = self.pool.registry
+        found: list[tuple[bytes, Statement]] = []
+        pos, n = 0, len(data)
+        while pos + 5 <= n:
+            kind, end = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
+            if end > n:
+                return False
+            if kind == 83 and end == n and found:  # the Sync, last
+                break
+            if kind != 80 or data[pos + 5] == 0:
+                return False
+            name_end = data.index(0, pos + 5, end)
+            stmt = registry.known(bytes(data[name_end + 1 : end]))
+            if stmt is None:
+                return False
+            found.append((bytes(data[pos + 5 : name_end]), stmt))
+            pos = end
+        else:
+            return False
+        for name, stmt in found:
+            self._remember(name, stmt)
+        registry.stats.client_parses += len(found)
+        registry.stats.hits += len(found)
+        self.transport.write(m.parse_complete() * len(found) + m.ready_for_query(b"I"))
+        return True
 
     def wait_failed(self, message: str, code: str) -> None:
         self._cancel_timer()

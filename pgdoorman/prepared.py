@@ -21,6 +21,7 @@ class Statement:
     server_name: bytes
     parse_msg: bytes  # the Parse to send a server that lacks it
     close_msg: bytes
+    confirmed: bool = False  # some server answered its Parse with ParseComplete
 
 
 def new_statement(key: bytes) -> Statement:
@@ -56,6 +57,11 @@ class Registry:
         else:
             self._by_key.move_to_end(key)
         return stmt
+
+    def known(self, key: bytes) -> Statement | None:
+        """The statement for key if a server has already prepared it successfully."""
+        stmt = self._by_key.get(key)
+        return stmt if stmt is not None and stmt.confirmed else None
 
     def __len__(self) -> int:
         return len(self._by_key)

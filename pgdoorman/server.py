@@ -245,7 +245,9 @@ class ServerConn(asyncio.Protocol):
                     ready = self.status
             elif kind == 49:  # ParseComplete
                 pending.popleft()
-                self.refs.popleft()
+                ref = self.refs.popleft()
+                if ref is not None:
+                    ref.confirmed = True
                 popped = True
                 hide = head == HIDDEN_PARSE
             elif kind == 50:  # BindComplete

@@ -106,18 +106,19 @@ async def test_psycopg_prepare_threshold_zero(tx_pool):
     await asyncio.gather(*(worker(w) for w in range(WORKERS)))
 
 
-def test_pgbench_prepared(pg, tx_pool):
-    """pgbench -M prepared -S: 32 clients over 4 servers.
+@pytest.mark.parametrize("script", [["-S"], []], ids=["select-only", "tpcb"])
+def test_pgbench_prepared(pg, tx_pool, script):
+    """pgbench -M prepared, 32 clients over 4 servers, select-only and TPC-B.
 
-    Select-only on purpose: pgbench (PostgreSQL 15) prepares with a blocking PQprepare, so with the
-    TPC-B script one client waiting for a server inside its prepare blocks its whole thread while
-    other clients of that thread hold every server in an open transaction — a deadlock in pgbench
-    itself, the same through any transaction-mode pooler with fewer servers than clients."""
+    TPC-B needs the pooler to answer PQprepare's Parse+Sync itself for statements it already
+    knows: pgbench (PostgreSQL 15) prepares with a blocking PQprepare, so a client waiting for a
+    server there would block its whole thread while the thread's other clients hold every server
+    in an open transaction."""
     pooler = tx_pool(pool_size=4)
     info = psycopg.conninfo.conninfo_to_dict(conninfo(pooler))
     env = dict(os.environ, PGSSLMODE="disable", PGPASSWORD=str(info.get("password", "")))
     argv = [pg.tool("pgbench"), "-h", str(info["host"]), "-p", str(info["port"]), "-U", str(info["user"]),
-            "-M", "prepared", "-S", "-c", "32", "-j", "2", "-T", "5", str(info["dbname"])]
+            "-M", "prepared", *script, "-c", "32", "-j", "2", "-T", "5", str(info["dbname"])]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=70, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"pgbench exit code {proc.returncode}:\n{out}"
