@@ -316,3 +316,41 @@ async def test_many_statements_evicted(tx_pool):
             await conn.close()
 
     await asyncio.gather(*(worker(w) for w in range(clients)))
+
+
+def test_error_mid_pipeline_keeps_statement_maps_consistent(tx_pool):
+    """Parse ok, Parse fails, Parse skipped, Sync: what the server really prepared is what counts."""
+    pooler = tx_pool(pool_size=1)  # every client shares one server, so a stale LRU entry would show
+    with psycopg.connect(conninfo(pooler), autocommit=True) as a, \
+            psycopg.connect(conninfo(pooler), autocommit=True) as b:
+        pg = a.pgconn
+        pg.enter_pipeline_mode()
+        pg.send_prepare(b"good1", b"SELECT $1::int + 1")
+        pg.send_prepare(b"bad", b"SELECT FROM WHERE nonsense")
+        pg.send_prepare(b"good2", b"SELECT $1::int + 2")
+        pg.pipeline_sync()
+        statuses = []
+        while len(statuses) < 4:
+            pg.consume_input()
+            res = pg.get_result()
+            if res is not None:
+                statuses.append(res.status)
+        assert statuses[0] == pq.ExecStatus.COMMAND_OK
+        assert statuses[1] == pq.ExecStatus.FATAL_ERROR
+        assert statuses[2] == pq.ExecStatus.PIPELINE_ABORTED
+        assert statuses[3] == pq.ExecStatus.PIPELINE_SYNC
+        while pg.get_result() is not None:
+            pass
+        pg.exit_pipeline_mode()
+        assert _exec(pg, b"good1", [b"10"])[1] == [["11"]]
+        # Another client preparing good2's text must get it prepared for real on the shared server.
+        _prepare(b.pgconn, b"mine", b"SELECT $1::int + 2")
+        assert _exec(b.pgconn, b"mine", [b"5"])[1] == [["7"]]
+        # good2 was never prepared by PostgreSQL: using it either works (the pooler re-prepares it)
+        # or fails as PostgreSQL would, naming the client's statement, never a pooler-internal one.
+        res = pg.exec_prepared(b"good2", [b"1"])
+        if res.status == pq.ExecStatus.TUPLES_OK:
+            assert res.get_value(0, 0) == b"3"
+        else:
+            message = res.get_error_message().decode()
+            assert "good2" in message and "PGDOORMAN" not in message, message
