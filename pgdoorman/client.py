@@ -14,21 +14,19 @@ from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, pa
 from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
-from pgdoorman.server import (
+from pgdoorman.protocol.scan import (
+    BAD_LENGTH,
     BIND,
+    BIND_NAMED,
     CLOSE,
     DESCRIBE,
-    EXECUTE,
-    PARSE,
-    QUERY,
-    SYNC,
+    SPECIAL,
+    STREAM,
     SYNTH_CLOSE,
     SYNTH_PARSE,
-    TRACKED_PARAMS,
-    ServerConn,
-    tracked_values,
-    with_tracked,
+    scan_requests,
 )
+from pgdoorman.server import TRACKED_PARAMS, ServerConn, tracked_values, with_tracked
 
 if TYPE_CHECKING:
     from pgdoorman.app import App
@@ -45,8 +43,6 @@ SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
 
 _TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
-# Messages a client may send whose bytes the pooler reads as a whole (named statements).
-_WHOLE = frozenset(b"PBDCX")
 
 
 class ClientConn(asyncio.Protocol):
@@ -377,101 +373,96 @@ class ClientConn(asyncio.Protocol):
         except (ValueError, IndexError):
             self.fatal(codes.PROTOCOL_VIOLATION, "malformed message from client")
 
-    def _relay(self, data: bytes | bytearray, server: ServerConn) -> None:  # noqa: C901
+    def _relay(self, data: bytes | bytearray, server: ServerConn) -> None:
         if self._partial:
             data = self._partial + data
             self._partial = b""
         n = len(data)
         pos = self._skip
+        transport = server.transport
+        assert transport is not None
         if pos >= n:
             self._skip = pos - n
-            server.transport.write(data)  # type: ignore[union-attr]
+            transport.write(data)
             return
         self._skip = 0
         pending = server.pending
-        refs = server.refs
+        check_names = self.mode != SESSION
         out: bytearray | None = None
         copied = 0
-        while pos < n:
-            if pos + 5 > n:
-                break
-            kind = data[pos]
-            length = _unpack_len(data, pos + 1)[0]
-            end = pos + 1 + length
-            if length < 4 or length > self._max_message:
+        while True:
+            pos, result, skip = scan_requests(data, pos, pending, check_names, self._max_message)
+            if result == SPECIAL:
+                end = pos + 1 + _unpack_len(data, pos + 1)[0]
+                replaced = self._special_request(data, pos, end, server)
+                if replaced is None:  # the client is gone; send what came before
+                    if out is None:
+                        out = bytearray()
+                    out += data[copied:pos]
+                    if out and not server.closed:
+                        transport.write(out)
+                    return
+                if replaced is not _UNCHANGED:
+                    if out is None:
+                        out = bytearray()
+                    out += data[copied:pos]
+                    out += replaced
+                    copied = end
+                pos = end
+                continue
+            if result == BAD_LENGTH:
+                length = _unpack_len(data, pos + 1)[0]
                 self.fatal(codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
                 return
-            if end > n:
-                if kind not in _WHOLE:
-                    self._skip = end - n
-                    pos = n
-                break
-            replaced: bytes | bytearray | None = None
-            if kind == 81 or kind == 70:  # Query / FunctionCall
-                pending.append(QUERY)
-            elif kind == 69:  # Execute
-                pending.append(EXECUTE)
-            elif kind == 83:  # Sync
-                pending.append(SYNC)
-            elif kind == 80:  # Parse
-                if data[pos + 5] != 0 and self._rewrite:
-                    replaced = self._parse(data, pos, end, server)
-                elif data[pos + 5] != 0 and self.mode != SESSION:
-                    self.fatal(codes.FEATURE_NOT_SUPPORTED,
-                               "named prepared statements need prepared_statements = true and "
-                               f"prepared_statements_cache_size > 0 in {self.mode} pooling mode")
-                    return
-                else:
-                    pending.append(PARSE)
-                    refs.append(None)
-            elif kind == 66:  # Bind
-                name_at = data.index(0, pos + 5, end) + 1
-                if data[name_at] != 0 and self._rewrite:
-                    replaced = self._bind(data, pos, name_at, end, server)
-                else:
-                    pending.append(BIND)
-                    refs.append(None)
-            elif kind == 68:  # Describe
-                if data[pos + 5] == 83 and data[pos + 6] != 0 and self._rewrite:
-                    replaced = self._describe(data, pos, end, server)
-                pending.append(DESCRIBE)
-            elif kind == 67:  # Close
-                if data[pos + 5] == 83 and data[pos + 6] != 0 and self._rewrite:
-                    self.stmts.pop(bytes(data[pos + 6 : end - 1]), None)
-                    replaced = b""
-                    self._synthetic(server, SYNTH_CLOSE)
-                else:
-                    pending.append(CLOSE)
-            elif kind == 88:  # Terminate
-                if out is None:
-                    out = bytearray()
-                out += data[copied:pos]
-                if out:
-                    server.transport.write(out)  # type: ignore[union-attr]
-                self.close("client close request")
-                return
-            elif kind not in _PASS_THROUGH:
-                self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
-                return
-            if replaced is not None:
-                if out is None:
-                    out = bytearray()
-                out += data[copied:pos]
-                out += replaced
-                copied = end
-            pos = end
-        if pos < n and not self._skip:
-            self._partial = bytes(data[pos:])
-            n = pos
-        transport = server.transport
-        assert transport is not None
+            if result == STREAM:
+                self._skip = skip
+            break
+        if pos < n:
+            self._partial = bytes(data[pos:])  # an incomplete message to read whole
         if out is None:
-            if n:
-                transport.write(data if n == len(data) else data[:n])
+            if pos:
+                transport.write(data if pos >= n else data[:pos])
         else:
-            out += data[copied:n]
+            out += data[copied:pos]
             if out:
                 transport.write(out)
+
+    def _special_request(
+        self, data: bytes | bytearray, pos: int, end: int, server: ServerConn
+    ) -> bytes | None:
+        """A request the scanner left to us: what to send instead (_UNCHANGED: itself), or None
+        when the client has been closed."""
+        kind = data[pos]
+        named = self._rewrite
+        if kind == 80:  # Parse of a named statement
+            if named:
+                return self._parse(data, pos, end, server)
+            self.fatal(codes.FEATURE_NOT_SUPPORTED,
+                       "named prepared statements need prepared_statements = true and "
+                       f"prepared_statements_cache_size > 0 in {self.mode} pooling mode")
+            return None
+        if kind == 66:  # Bind to a named statement
+            name_at = data.index(0, pos + 5, end) + 1
+            if named:
+                return self._bind(data, pos, name_at, end, server)
+            server.pending.append(BIND)
+            return _UNCHANGED
+        if kind == 68:  # Describe of a named statement
+            replaced = self._describe(data, pos, end, server) if named else None
+            server.pending.append(DESCRIBE)
+            return _UNCHANGED if replaced is None else replaced
+        if kind == 67:  # Close of a named statement
+            if named:
+                self.stmts.pop(bytes(data[pos + 6 : end - 1]), None)
+                self._synthetic(server, SYNTH_CLOSE)
+                return b""
+            server.pending.append(CLOSE)
+            return _UNCHANGED
+        if kind == 88:
+            self.close("client close request")
+        else:
+            self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
+        return None
 
     def _synthetic(self, server: ServerConn, kind: int) -> None:
         """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
@@ -509,16 +500,15 @@ class ClientConn(asyncio.Protocol):
             server.prepare_statement(stmt, out)
         return stmt
 
-    def _bind(
-        self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn
-    ) -> bytes | None:
+    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes:
         name_end = data.index(0, name_at, end)
         out = bytearray()
         stmt = self._lookup(bytes(data[name_at:name_end]), server, out)
-        server.pending.append(BIND)
-        server.refs.append(stmt)
         if stmt is None:
-            return None  # unknown name: the server answers "does not exist" itself
+            server.pending.append(BIND)
+            return _UNCHANGED  # unknown name: the server answers "does not exist" itself
+        server.pending.append(BIND_NAMED)
+        server.refs.append(stmt)
         assert self.pool is not None
         self.pool.registry.stats.binds += 1
         body = data[pos + 5 : name_at] + stmt.server_name + data[name_end:end]
@@ -640,9 +630,9 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+_UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
-_PASS_THROUGH = frozenset(b"Hdcf")
 
 
 def _close_if_stuck(server: ServerConn) -> None:

@@ -22,6 +22,23 @@ from pgdoorman.auth import AuthFailed, ScramClient, md5_salted_response
 from pgdoorman.prepared import ServerStatements, Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
+from pgdoorman.protocol.scan import (
+    BIND_NAMED,
+    DESCRIBE,
+    EXECUTE,
+    HIDDEN_CLOSE,
+    HIDDEN_PARSE,
+    HIDDEN_QUERY,
+    PARSE_NAMED,
+    QUERY,
+    SPECIAL,
+    STREAM,
+    SYNC,
+    SYNTH_CLOSE,
+    SYNTH_DUE,
+    SYNTH_PARSE,
+    scan_replies,
+)
 
 if TYPE_CHECKING:
     from pgdoorman.pool import Pool
@@ -31,21 +48,8 @@ _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
 _ids = itertools.count(1)
 
-# Kinds of outstanding requests, in the order the server will answer them.
-QUERY = 1  # simple Query or FunctionCall: everything up to ReadyForQuery
-SYNC = 2
-PARSE = 3
-BIND = 4
-DESCRIBE = 5
-EXECUTE = 6
-CLOSE = 7
-HIDDEN_QUERY = 8  # pooler's own query (SET, ROLLBACK, reset): all replies hidden
-HIDDEN_PARSE = 9  # Parse injected before a Bind/Describe: ParseComplete hidden
-HIDDEN_CLOSE = 10  # eviction: CloseComplete hidden
-SYNTH_PARSE = 11  # client Parse of a statement the server has: pooler answers ParseComplete
-SYNTH_CLOSE = 12  # client Close of a statement: pooler answers CloseComplete
 _SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
-_HAS_REF = (PARSE, HIDDEN_PARSE, BIND)
+_HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
 
 _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
@@ -94,7 +98,7 @@ class ServerConn(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.client: ClientLink | None = None
-        self.pending: deque[int] = deque()
+        self.pending = bytearray()  # kinds of the requests still owed a reply, oldest first
         self.refs: deque[Statement | None] = deque()
         self.statements = ServerStatements(max(pool.prepared_cache_size, 1))
         self.params: dict[str, str] = {}
@@ -201,7 +205,7 @@ class ServerConn(asyncio.Protocol):
 
     # --- relaying ---
 
-    def data_received(self, data: bytes) -> None:  # noqa: C901 - the hot loop stays in one frame
+    def data_received(self, data: bytes) -> None:
         if self._handshaking:
             self._handshake(data)
             return
@@ -217,81 +221,46 @@ class ServerConn(asyncio.Protocol):
         self._skip = 0
         pending = self.pending
         out: bytearray | None = None  # built only when something is hidden or inserted
-        copied = 0  # data[:copied] is already in out (or to be dropped)
+        copied = 0  # data[:copied] is already in out (or dropped)
         ready = -1
-        while pos < n:
-            if pos + 5 > n:
-                break
-            kind = data[pos]
-            end = pos + 1 + _unpack_len(data, pos + 1)[0]
-            if end > n:
-                if kind == 68 or kind == 100:  # DataRow / CopyData: stream the rest through
-                    self._skip = end - n
-                    pos = n
-                break
-            if kind == 68 or not pending:
-                if kind == _S or kind == _E:
-                    self._unsolicited(kind, data[pos + 5 : end])
-                pos = end
-                continue
-            head = pending[0]
-            hide = head == HIDDEN_QUERY
-            popped = False
-            if kind == _Z:
-                pending.popleft()
-                popped = True
-                self.status = data[pos + 5]
+        while True:
+            pos, result, skip, last_z = scan_replies(data, pos, pending)
+            if last_z >= 0:
+                self.status = last_z
                 if not pending:
-                    ready = self.status
-            elif kind == 49:  # ParseComplete
-                pending.popleft()
-                ref = self.refs.popleft()
-                if ref is not None:
-                    ref.confirmed = True
-                popped = True
-                hide = head == HIDDEN_PARSE
-            elif kind == 50:  # BindComplete
-                pending.popleft()
-                self.refs.popleft()
-                popped = True
-            elif kind == 51:  # CloseComplete
-                pending.popleft()
-                popped = True
-                hide = head == HIDDEN_CLOSE
-            elif kind == 84 or kind == 110:  # RowDescription / NoData
-                if head == DESCRIBE:
-                    pending.popleft()
-                    popped = True
-            elif kind == 67 or kind == 73 or kind == 115:  # CommandComplete / EmptyQuery / Suspended
-                if head == EXECUTE:
-                    pending.popleft()
-                    popped = True
-                if kind == 67 and data[pos + 5] == 68:  # "D...": DISCARD ALL / DEALLOCATE ALL
-                    self._check_discard(data[pos + 5 : end - 1])
-            elif kind == _E:
-                popped = self._error(head, data[pos + 5 : end])
-            elif kind == _S:
-                self._parameter_status(data[pos + 5 : end], hide)
-            extra = b""
-            if popped:
-                while pending and pending[0] >= SYNTH_PARSE:
-                    extra += _SYNTH_REPLY[pending.popleft()]
+                    ready = last_z
+            if result == SYNTH_DUE:  # insert the pooler's own replies here
+                if out is None:
+                    out = bytearray()
+                out += data[copied:pos]
+                out += self._drain_synthetic()
+                copied = pos
+                continue
+            if result != SPECIAL:
+                if result == STREAM:
+                    self._skip = skip
+                break
+            end = pos + 1 + _unpack_len(data, pos + 1)[0]
+            try:
+                hide, extra = self._special_reply(data, pos, end)
+            except (IndexError, m.ProtocolError):
+                self._broken(f"malformed message {chr(data[pos])!r} from server")
+                return
+            if data[pos] == _Z and not pending:
+                ready = self.status
             if hide or extra:
                 if out is None:
                     out = bytearray()
-                out += data[copied : end if not hide else pos]
+                out += data[copied : pos if hide else end]
                 out += extra
                 copied = end
             pos = end
-        if pos < n and not self._skip:
-            self._partial = data[pos:]
-            tail_end = pos
-        else:
-            tail_end = n
+        if pos < n:
+            self._partial = data[pos:]  # an incomplete message the pooler must see whole
         if out is None:
-            payload: bytes | bytearray = data if tail_end == n else data[:tail_end]
+            payload: bytes | bytearray = data if pos >= n else data[:pos]
         else:
-            out += data[copied:tail_end]
+            out += data[copied:pos]
             payload = out
         if ready >= 0 and ready != _STATUS_IDLE and self.refuse_transactions:
             payload = b""  # statement mode: the client gets only the error, its session ends
@@ -299,6 +268,63 @@ class ServerConn(asyncio.Protocol):
             self._emit(payload)
         if ready >= 0:
             self._on_ready(ready)
+
+    def _special_reply(self, data: bytes, pos: int, end: int) -> tuple[bool, bytes]:
+        """One reply the scanner left to us: returns (hide it, replies to insert after it)."""
+        kind = data[pos]
+        pending = self.pending
+        if not pending:
+            if kind == _S or kind == _E:
+                self._unsolicited(kind, data[pos + 5 : end])
+            return False, b""
+        head = pending[0]
+        hide = head == HIDDEN_QUERY
+        popped = False
+        if kind == _Z:
+            del pending[0]
+            popped = True
+            self.status = data[pos + 5]
+        elif kind == 49:  # ParseComplete
+            del pending[0]
+            popped = True
+            if head in _HAS_REF:
+                ref = self.refs.popleft()
+                if ref is not None:
+                    ref.confirmed = True
+            hide = head == HIDDEN_PARSE
+        elif kind == 50:  # BindComplete
+            del pending[0]
+            popped = True
+            if head in _HAS_REF:
+                self.refs.popleft()
+        elif kind == 51:  # CloseComplete
+            del pending[0]
+            popped = True
+            hide = head == HIDDEN_CLOSE
+        elif kind == 84 or kind == 110:  # RowDescription / NoData
+            if head == DESCRIBE:
+                del pending[0]
+                popped = True
+        elif kind == 67 or kind == 73 or kind == 115:  # CommandComplete / EmptyQuery / Suspended
+            if head == EXECUTE:
+                del pending[0]
+                popped = True
+            if kind == 67 and data[pos + 5] == 68:  # "D...": DISCARD ALL / DEALLOCATE ALL
+                self._check_discard(data[pos + 5 : end - 1])
+        elif kind == _E:
+            popped = self._error(head, data[pos + 5 : end])
+        elif kind == _S:
+            self._parameter_status(data[pos + 5 : end], hide)
+        return hide, self._drain_synthetic() if popped else b""
+
+    def _drain_synthetic(self) -> bytes:
+        """The replies the pooler owes itself, now due (they are the oldest owed)."""
+        pending = self.pending
+        extra = b""
+        while pending and pending[0] >= SYNTH_PARSE:
+            extra += _SYNTH_REPLY[pending[0]]
+            del pending[0]
+        return extra
 
     def _emit(self, data: bytes | bytearray) -> None:
         client = self.client
@@ -340,7 +366,7 @@ class ServerConn(asyncio.Protocol):
                 fields = m.parse_error_fields(body)
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
             return False
-        if head == BIND:
+        if head == BIND_NAMED:
             ref = self.refs[0]
             if ref is not None and _CACHED_PLAN_MSG.encode() in body:
                 # The plan went stale after DDL: forget it here so the next use re-prepares.
@@ -348,10 +374,11 @@ class ServerConn(asyncio.Protocol):
                 self.statements.stale.add(ref)
         pending, refs = self.pending, self.refs
         while pending and pending[0] != SYNC and pending[0] != QUERY and pending[0] != HIDDEN_QUERY:
-            kind = pending.popleft()
+            kind = pending[0]
+            del pending[0]
             if kind in _HAS_REF:
                 ref = refs.popleft()
-                if ref is not None and kind != BIND:
+                if ref is not None and kind != BIND_NAMED:
                     self.statements.discard(ref)  # its Parse never ran
         return True
 
@@ -371,7 +398,7 @@ class ServerConn(asyncio.Protocol):
             self.pending.append(HIDDEN_CLOSE)
             stats.evictions += 1
         out += stmt.parse_msg
-        self.pending.append(HIDDEN_PARSE if hidden else PARSE)
+        self.pending.append(HIDDEN_PARSE if hidden else PARSE_NAMED)
         self.refs.append(stmt)
         stats.server_parses += 1
 
@@ -402,6 +429,10 @@ class ServerConn(asyncio.Protocol):
         reason = f"server connection lost ({exc})" if exc else "server closed the connection"
         if not self.ready.done():
             self.ready.set_exception(ServerError(reason))
+        self._broken(reason)
+
+    def _broken(self, reason: str) -> None:
+        """The connection is unusable: close it, and its client learns why."""
         if self.closed:
             return
         client = self.client

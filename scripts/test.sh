@@ -21,4 +21,8 @@ fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test,dev,bench]'
 ruff check pgdoorman tests bench
 mypy pgdoorman
+python3 -c 'import pgdoorman.protocol.scan as s, sys; sys.exit(not s.COMPILED)' \
+    || { echo "the compiled frame scanner did not build"; exit 1; }
+# The pure-Python twin of the compiled scanner must pass the same pooler tests.
+PGDOORMAN_PURE_PYTHON=1 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_prepared.py
 exec python3 -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,226 @@
+/* Compiled twin of pgdoorman/protocol/scan.py: the relay's frame scanners.
+ *
+ * Same functions, same results; see scan.py for what they mean. Only the plain, frequent cases
+ * are handled here: anything needing the pooler's judgement is returned as SPECIAL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
+enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
+#define SYNTH_PARSE 13
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* Drop the first `count` kinds of the pending bytearray. */
+static int consume(PyObject *pending, Py_ssize_t count)
+{
+    if (count == 0)
+        return 0;
+    Py_ssize_t len = PyByteArray_GET_SIZE(pending);
+    char *buf = PyByteArray_AS_STRING(pending);
+    memmove(buf, buf + count, (size_t)(len - count));
+    return PyByteArray_Resize(pending, len - count);
+}
+
+static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyByteArray_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "scan_replies(data, pos, pending: bytearray)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    if (pos < 0 && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *pending = args[2];
+    const unsigned char *data = view.buf;
+    Py_ssize_t n = view.len;
+    const unsigned char *kinds = (const unsigned char *)PyByteArray_AS_STRING(pending);
+    Py_ssize_t npending = PyByteArray_GET_SIZE(pending);
+    Py_ssize_t head = 0; /* kinds[head] is the oldest request not yet answered */
+    long last_z = -1, skip = 0;
+    int result = DONE;
+
+    while (pos + 5 <= n) {
+        unsigned char kind = data[pos];
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)be32(data + pos + 1);
+        if (end > n) {
+            if (kind == 'D' || kind == 'd') {
+                skip = (long)(end - n);
+                pos = n;
+                result = STREAM;
+            }
+            break;
+        }
+        if (kind == 'D') {
+            pos = end;
+            continue;
+        }
+        if (head >= npending || kind == 'S' || kind == 'E' || kinds[head] > CLOSE ||
+            (end == pos + 5 && (kind == 'Z' || kind == 'C'))) {
+            result = SPECIAL;
+            break;
+        }
+        unsigned char h = kinds[head];
+        int popped = 0;
+        if (kind == 'Z') {
+            popped = 1;
+            last_z = data[pos + 5];
+        } else if (kind == '1' || kind == '2' || kind == '3') {
+            unsigned char want = kind == '1' ? PARSE : kind == '2' ? BIND : CLOSE;
+            if (h != want) {
+                result = SPECIAL;
+                break;
+            }
+            popped = 1;
+        } else if (kind == 'T' || kind == 'n') {
+            popped = h == DESCRIBE;
+        } else if (kind == 'C' || kind == 'I' || kind == 's') {
+            if (kind == 'C' && data[pos + 5] == 'D') {
+                result = SPECIAL;
+                break;
+            }
+            popped = h == EXECUTE;
+        }
+        pos = end;
+        if (popped) {
+            head++;
+            if (head < npending && kinds[head] >= SYNTH_PARSE) {
+                result = SYNTH_DUE;
+                break;
+            }
+        }
+    }
+    PyBuffer_Release(&view);
+    if (consume(pending, head) < 0)
+        return NULL;
+    return Py_BuildValue("(nili)", pos, result, skip, (int)last_z);
+}
+
+static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyByteArray_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scan_requests(data, pos, pending: bytearray, check_names, max_len)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    int check_names = PyObject_IsTrue(args[3]);
+    Py_ssize_t max_len = PyLong_AsSsize_t(args[4]);
+    if ((pos < 0 || max_len < 0 || check_names < 0) && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *pending = args[2];
+    const unsigned char *data = view.buf;
+    Py_ssize_t n = view.len;
+    unsigned char added[256];
+    Py_ssize_t nadded = 0;
+    long skip = 0;
+    int result = DONE;
+
+    while (pos + 5 <= n) {
+        unsigned char kind = data[pos];
+        Py_ssize_t length = (Py_ssize_t)be32(data + pos + 1);
+        if (length < 4 || length > max_len) {
+            result = BAD_LENGTH;
+            break;
+        }
+        Py_ssize_t end = pos + 1 + length;
+        if (end > n) {
+            if (!strchr("PBDCX", kind) || kind == 0) {
+                skip = (long)(end - n);
+                pos = n;
+                result = STREAM;
+            }
+            break;
+        }
+        unsigned char add = 0;
+        switch (kind) {
+        case 'Q':
+        case 'F':
+            add = QUERY;
+            break;
+        case 'E':
+            add = EXECUTE;
+            break;
+        case 'S':
+            add = SYNC;
+            break;
+        case 'P':
+            if (check_names && data[pos + 5] != 0)
+                result = SPECIAL;
+            add = PARSE;
+            break;
+        case 'B': {
+            const unsigned char *nul = memchr(data + pos + 5, 0, (size_t)(end - pos - 5));
+            Py_ssize_t name_at = nul ? (nul - data) + 1 : end;
+            if (name_at >= end || (check_names && data[name_at] != 0))
+                result = SPECIAL;
+            add = BIND;
+            break;
+        }
+        case 'D':
+        case 'C':
+            if (check_names && length > 5 && data[pos + 5] == 'S' && data[pos + 6] != 0)
+                result = SPECIAL;
+            add = kind == 'D' ? DESCRIBE : CLOSE;
+            break;
+        case 'H':
+        case 'd':
+        case 'c':
+        case 'f':
+            break;
+        default:
+            result = SPECIAL; /* Terminate, or not a frontend message */
+        }
+        if (result == SPECIAL)
+            break;
+        if (add) {
+            if (nadded == (Py_ssize_t)sizeof(added)) {
+                Py_ssize_t len = PyByteArray_GET_SIZE(pending);
+                if (PyByteArray_Resize(pending, len + nadded) < 0) {
+                    PyBuffer_Release(&view);
+                    return NULL;
+                }
+                memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
+                nadded = 0;
+            }
+            added[nadded++] = add;
+        }
+        pos = end;
+    }
+    PyBuffer_Release(&view);
+    if (nadded) {
+        Py_ssize_t len = PyByteArray_GET_SIZE(pending);
+        if (PyByteArray_Resize(pending, len + nadded) < 0)
+            return NULL;
+        memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
+    }
+    return Py_BuildValue("(nil)", pos, result, skip);
+}
+
+static PyMethodDef methods[] = {
+    {"scan_replies", (PyCFunction)(void (*)(void))scan_replies, METH_FASTCALL,
+     "Walk server messages, consuming pending: (pos, result, skip, last_z)."},
+    {"scan_requests", (PyCFunction)(void (*)(void))scan_requests, METH_FASTCALL,
+     "Walk client messages, appending to pending: (pos, result, skip)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pgdoorman.protocol._scan",
+                                    "Compiled frame scanners (see scan.py).", -1, methods};
+
+PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }

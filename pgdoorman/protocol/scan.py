@@ -1,0 +1,133 @@
+"""Frame scanners for the relay's hot path: walk message headers, track owed replies.
+
+`pending` is a bytearray of request kinds, oldest first, one per request that gets a reply. The
+scanners handle the plain, frequent cases themselves and stop at anything that needs the pooler's
+judgement (named statements, hidden or synthetic replies, errors, parameter changes), returning its
+position. The compiled twin in _scan.c implements exactly these functions; PGDOORMAN_PURE_PYTHON=1
+forces this version.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+# Request kinds in `pending`. Up to CLOSE the scanners handle them; the rest are the pooler's.
+QUERY = 1  # simple Query or FunctionCall: everything up to ReadyForQuery
+SYNC = 2
+PARSE = 3  # unnamed
+BIND = 4  # unnamed statement
+DESCRIBE = 5
+EXECUTE = 6
+CLOSE = 7
+HIDDEN_QUERY = 8  # pooler's own query (SET, ROLLBACK, reset): all replies hidden
+HIDDEN_PARSE = 9  # Parse injected before a Bind/Describe: ParseComplete hidden
+HIDDEN_CLOSE = 10  # eviction: CloseComplete hidden
+PARSE_NAMED = 11  # rewritten client Parse (has a ref)
+BIND_NAMED = 12  # rewritten client Bind (has a ref)
+SYNTH_PARSE = 13  # client Parse of a statement the server has: pooler answers ParseComplete
+SYNTH_CLOSE = 14  # client Close of a statement: pooler answers CloseComplete
+
+# Scanner results
+DONE = 0  # every complete message consumed; data[pos:] is an incomplete message to hold back
+STREAM = 1  # the last message is an incomplete DataRow/CopyData: `skip` more bytes belong to it
+SPECIAL = 2  # the complete message at pos needs the pooler
+BAD_LENGTH = 3  # the message at pos has an impossible length
+SYNTH_DUE = 4  # a reply before pos completed a request and the oldest owed is now the pooler's own
+
+_unpack_len = struct.Struct("!I").unpack_from
+_WHOLE = frozenset(b"PBDCX")  # requests read whole (names); others may be streamed
+_PLAIN_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC, 68: DESCRIBE, 67: CLOSE}
+_NO_REPLY = frozenset(b"Hdcf")  # Flush and COPY data from the client
+
+
+def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tuple[int, int, int, int]:
+    """Walk server messages from pos, consuming pending. Returns (pos, result, skip, last_z) where
+    last_z is the status byte of the last ReadyForQuery consumed, or -1."""
+    n = len(data)
+    last_z = -1
+    while pos + 5 <= n:
+        kind = data[pos]
+        end = pos + 1 + _unpack_len(data, pos + 1)[0]
+        if end > n:
+            if kind == 68 or kind == 100:
+                return n, STREAM, end - n, last_z
+            return pos, DONE, 0, last_z
+        if kind == 68:
+            pos = end
+            continue
+        if not pending or kind == 83 or kind == 69 or pending[0] > CLOSE:
+            return pos, SPECIAL, 0, last_z
+        if end == pos + 5 and (kind == 90 or kind == 67):
+            return pos, SPECIAL, 0, last_z  # no status/tag: malformed, the pooler judges
+        head = pending[0]
+        popped = False
+        if kind == 90:
+            last_z = data[pos + 5]
+            popped = True
+        elif kind == 49 or kind == 50 or kind == 51:
+            if head != (PARSE if kind == 49 else BIND if kind == 50 else CLOSE):
+                return pos, SPECIAL, 0, last_z
+            popped = True
+        elif kind == 84 or kind == 110:
+            popped = head == DESCRIBE
+        elif kind == 67 or kind == 73 or kind == 115:
+            if kind == 67 and data[pos + 5] == 68:  # "D...": maybe DISCARD ALL / DEALLOCATE ALL
+                return pos, SPECIAL, 0, last_z
+            popped = head == EXECUTE
+        pos = end
+        if popped:
+            del pending[0]
+            if pending and pending[0] >= SYNTH_PARSE:
+                return pos, SYNTH_DUE, 0, last_z
+    return pos, DONE, 0, last_z
+
+
+def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: bool,
+                     max_len: int) -> tuple[int, int, int]:
+    """Walk client messages from pos, appending to pending. Returns (pos, result, skip)."""
+    n = len(data)
+    while pos + 5 <= n:
+        kind = data[pos]
+        length = _unpack_len(data, pos + 1)[0]
+        if length < 4 or length > max_len:
+            return pos, BAD_LENGTH, 0
+        end = pos + 1 + length
+        if end > n:
+            if kind in _WHOLE:
+                return pos, DONE, 0
+            return n, STREAM, end - n
+        if kind == 80:  # Parse
+            if check_names and data[pos + 5] != 0:
+                return pos, SPECIAL, 0
+            pending.append(PARSE)
+        elif kind == 66:  # Bind: portal name, then statement name
+            name_at = data.find(b"\0", pos + 5, end) + 1
+            if name_at == 0 or name_at >= end:
+                return pos, SPECIAL, 0
+            if check_names and data[name_at] != 0:
+                return pos, SPECIAL, 0
+            pending.append(BIND)
+        elif kind in _PLAIN_REQUEST:
+            if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \
+                    and data[pos + 6] != 0:
+                return pos, SPECIAL, 0  # Describe/Close of a named statement
+            pending.append(_PLAIN_REQUEST[kind])
+        elif kind not in _NO_REPLY:
+            return pos, SPECIAL, 0  # Terminate, or not a frontend message
+        pos = end
+    return pos, DONE, 0
+
+
+scan_replies = py_scan_replies
+scan_requests = py_scan_requests
+COMPILED = False
+if not os.environ.get("PGDOORMAN_PURE_PYTHON"):
+    try:
+        from pgdoorman.protocol import _scan  # type: ignore[attr-defined]
+    except ImportError:  # not compiled: the pure-Python twins above do the same, slower
+        pass
+    else:
+        scan_replies = _scan.scan_replies
+        scan_requests = _scan.scan_requests
+        COMPILED = True

@@ -1,0 +1,85 @@
+"""The compiled frame scanners behave exactly like their pure-Python twins."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgdoorman.protocol import scan
+
+try:
+    from pgdoorman.protocol import _scan  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - the build always compiles it where gcc exists
+    _scan = None
+
+needs_compiled = pytest.mark.skipif(_scan is None, reason="compiled scanner not built")
+
+KINDS = b"PBDCESHQFXdcf12345TnZIsNAKRVtGHWv"
+
+
+def _message(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!I", len(body) + 4) + body
+
+
+messages = st.builds(
+    _message,
+    st.sampled_from(list(KINDS)),
+    st.one_of(
+        st.binary(max_size=12),
+        st.sampled_from([b"\0", b"S\0", b"Sname\0", b"P\0", b"\0\0", b"p\0stmt\0rest", b"DISCARD ALL\0",
+                         b"I"]),
+    ),
+)
+streams = st.lists(messages, max_size=12).map(b"".join)
+
+
+@needs_compiled
+@settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
+@given(streams, st.integers(0, 3), st.binary(max_size=8), st.booleans(), st.integers(4, 64))
+def test_scan_requests_twins(data, cut, pending, check_names, max_len):
+    data = data[: max(0, len(data) - cut)]
+    py_pending, c_pending = bytearray(pending), bytearray(pending)
+    expected = scan.py_scan_requests(data, 0, py_pending, check_names, max_len)
+    assert _scan.scan_requests(data, 0, c_pending, check_names, max_len) == expected
+    assert c_pending == py_pending
+
+
+@needs_compiled
+@settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
+@given(streams, st.integers(0, 3), st.lists(st.integers(1, 14), max_size=8).map(bytes))
+def test_scan_replies_twins(data, cut, pending):
+    data = data[: max(0, len(data) - cut)]
+    py_pending, c_pending = bytearray(pending), bytearray(pending)
+    expected = scan.py_scan_replies(data, 0, py_pending)
+    assert _scan.scan_replies(data, 0, c_pending) == expected
+    assert c_pending == py_pending
+
+
+def test_extended_round_trip_consumes_everything():
+    """P B D E S out, 1 2 T D C Z back: all tracked, the ReadyForQuery reported."""
+    pending = bytearray()
+    request = (_message(ord("P"), b"\0SELECT 1\0\0\0") + _message(ord("B"), b"\0\0" + b"\0" * 6)
+               + _message(ord("D"), b"P\0") + _message(ord("E"), b"\0\0\0\0\0") + _message(ord("S"), b""))
+    assert scan.scan_requests(request, 0, pending, True, 1 << 30) == (len(request), scan.DONE, 0)
+    assert list(pending) == [scan.PARSE, scan.BIND, scan.DESCRIBE, scan.EXECUTE, scan.SYNC]
+    reply = (_message(ord("1"), b"") + _message(ord("2"), b"") + _message(ord("T"), b"\0\0")
+             + _message(ord("D"), b"\0\0") + _message(ord("C"), b"SELECT 1\0") + _message(ord("Z"), b"I"))
+    assert scan.scan_replies(reply, 0, pending) == (len(reply), scan.DONE, 0, ord("I"))
+    assert pending == bytearray()
+
+
+def test_named_statement_is_left_to_the_pooler():
+    pending = bytearray()
+    named = _message(ord("P"), b"s1\0SELECT 1\0\0\0")
+    assert scan.scan_requests(named, 0, pending, True, 1 << 30) == (0, scan.SPECIAL, 0)
+    assert scan.scan_requests(named, 0, pending, False, 1 << 30) == (len(named), scan.DONE, 0)
+
+
+def test_big_data_row_is_streamed():
+    pending = bytearray([scan.QUERY])
+    row = _message(ord("D"), b"x" * 1000)
+    assert scan.scan_replies(row[:100], 0, pending) == (100, scan.STREAM, len(row) - 100, -1)
