@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of PostgreSQL direct, PgBouncer and pgdoorman (`python -m bench`)."""

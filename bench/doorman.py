@@ -1,0 +1,67 @@
+"""pgdoorman, run as users run it: `python -m pgdoorman -c generated.toml`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from bench.targets import PoolerProcess
+from pgdoorman.config import render_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class PgDoorman(PoolerProcess):
+    server_port: int = 0
+    database: str = ""
+    user: str = ""
+    pool_size: int = 20
+    max_client_conn: int = 1000
+    log_level: str = "info"
+
+    def prepare(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-pgdoorman-")
+        self.version = self._version()
+        config = render_config({
+            "general": {
+                "host": self.host,
+                "port": self.port,
+                "unix_socket_dir": "",
+                "pool_mode": "transaction",
+                "max_client_conn": self.max_client_conn,
+                "query_wait_timeout": "120s",  # PgBouncer's default
+                "prepared_statements": True,
+                "log_level": self.log_level,
+                "log_client_connections": False,  # as PgBouncer's log_connections = 0
+                "log_client_disconnections": False,
+            },
+            "pools": {
+                self.database: {
+                    "server_host": self.host,
+                    "server_port": self.server_port,
+                    "server_database": self.database,
+                    "users": [{"username": self.user, "password": "", "pool_size": self.pool_size}],
+                },
+            },
+        })
+        with open(os.path.join(self.workdir, "generated.toml"), "w") as f:
+            f.write(config)
+
+    def _version(self) -> str:
+        """`pgdoorman 0.1.0` -> `0.1.0`; "?" when it does not say."""
+        out = subprocess.run([sys.executable, "-m", "pgdoorman", "--version"], capture_output=True,
+                             text=True, cwd=REPO_ROOT, env=self.env())
+        words = out.stdout.split()
+        return words[-1] if out.returncode == 0 and words else "?"
+
+    def env(self) -> dict[str, str] | None:
+        """Make the checkout importable even when pgdoorman is not pip-installed."""
+        path = os.environ.get("PYTHONPATH", "")
+        return {**os.environ, "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pgdoorman", "-c", os.path.join(self.workdir, "generated.toml")]
