@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import struct
 import time
 from collections import deque
@@ -125,6 +126,9 @@ class ServerConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if self.pool.general.tcp_keepalive and sock is not None and sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         params = {"user": self.pool.server_user, "database": self.pool.server_database}
         if self.pool.application_name:
             params["application_name"] = self.pool.application_name
