@@ -533,15 +533,10 @@ class ClientConn(asyncio.Protocol):
             return
         if status == _STATUS_IDLE:
             server = self.server
-            assert server is not None and self.pool is not None
+            assert server is not None
             self.server = None
             server.client = None
-            reset = self.pool.cfg.server_reset_query
-            if self.app.config.general.server_reset_query_always and reset:
-                server.on_idle = self.pool.release
-                server.send_hidden(reset)
-            else:
-                self.pool.release(server)
+            self._give_back(server)
         elif self.mode == STATEMENT:
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
@@ -608,19 +603,33 @@ class ClientConn(asyncio.Protocol):
         if server.pending:
             server.close("client disconnected with a request in flight")
             return
+        self._give_back(server)
+
+    def _give_back(self, server: ServerConn) -> None:
+        """Return a server with nothing owed to the pool, first undoing what this client left on
+        it: an open transaction, its settings (transaction mode), everything (session mode)."""
+        pool = self.pool
+        assert pool is not None
         queries = []
         if server.status != _STATUS_IDLE:
             queries.append("ROLLBACK")
-        if self.mode == SESSION and pool.cfg.server_reset_query:
-            queries.append(pool.cfg.server_reset_query)
+        reset = pool.cfg.server_reset_query
+        if self.mode == SESSION:
+            if reset:
+                queries.append(reset)
+                server.statements.clear()
+        else:
+            if server.session_reset:
+                queries.append(server.session_reset)
+            if reset and self.app.config.general.server_reset_query_always:
+                queries.append(reset)
+        server.session_reset = ""
         if not queries:
             pool.release(server)
             return
         server.on_idle = pool.release
         for sql in queries:
             server.send_hidden(sql)
-        if self.mode == SESSION:
-            server.statements.clear()
         asyncio.get_running_loop().call_later(RESET_TIMEOUT, _close_if_stuck, server)
 
     def _cancel_timer(self) -> None:

@@ -54,7 +54,9 @@ _HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
 
 _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
-_CACHED_PLAN_MSG = "cached plan must not change result type"
+_CACHED_PLAN_MSG = b"cached plan must not change result type"
+# After a client's SET in transaction mode: back to the login defaults. RESET ALL leaves the role.
+RESET_SETTINGS = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
 # Session settings clients may change and servers report with ParameterStatus: each client's values
 # are SET on whichever server it is lent. Kept as a tuple so "same?" is one comparison per loan.
@@ -112,6 +114,8 @@ class ServerConn(asyncio.Protocol):
         self.cancels_in_flight = 0
         self.parked = False  # released while a cancel was in flight
         self.refuse_transactions = False  # lent in statement mode
+        # What a client changed that the next one must not see; run before the server is reused.
+        self.session_reset = ""
         self.closed = False
         self.close_reason = ""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -313,8 +317,8 @@ class ServerConn(asyncio.Protocol):
             if head == EXECUTE:
                 del pending[0]
                 popped = True
-            if kind == 67 and data[pos + 5] == 68:  # "D...": DISCARD ALL / DEALLOCATE ALL
-                self._check_discard(data[pos + 5 : end - 1])
+            if kind == 67:
+                self._command_tag(data[pos + 5 : end - 1], hide)
         elif kind == _E:
             popped = self._error(head, data[pos + 5 : end])
         elif kind == _S:
@@ -357,11 +361,17 @@ class ServerConn(asyncio.Protocol):
         if not hide and self.client is not None:
             self.client.on_parameter_status(name, value)
 
-    def _check_discard(self, tag: bytes) -> None:
+    def _command_tag(self, tag: bytes, hidden: bool) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
             self.statements.clear()
             if self.client is not None:
                 self.client.on_statements_discarded()
+        elif hidden:
+            pass  # the pooler's own SETs
+        elif tag == b"SET":  # SET, SET ROLE, SET SESSION AUTHORIZATION (or SET LOCAL: harmless)
+            self.session_reset = self.session_reset or RESET_SETTINGS
+        elif tag in (b"LISTEN", b"PREPARE"):
+            self.session_reset = "DISCARD ALL"
 
     def _error(self, head: int, body: bytes) -> bool:
         """An ErrorResponse: in extended protocol the server now skips everything until Sync."""
@@ -372,7 +382,7 @@ class ServerConn(asyncio.Protocol):
             return False
         if head == BIND_NAMED:
             ref = self.refs[0]
-            if ref is not None and _CACHED_PLAN_MSG.encode() in body:
+            if ref is not None and _CACHED_PLAN_MSG in body:
                 # The plan went stale after DDL: forget it here so the next use re-prepares.
                 self.statements.discard(ref)
                 self.statements.stale.add(ref)

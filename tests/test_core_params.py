@@ -49,3 +49,23 @@ def test_quoting_of_replayed_values(start_pooler):
     with pconnect(pooler, application_name=tricky) as a, pconnect(pooler) as b:
         b.execute("SELECT 1")
         assert _show(a, "application_name") == tricky
+
+
+def test_plain_set_never_reaches_the_next_client(pg, start_pooler):
+    """Any SET a client leaves on a shared server (not only the tracked ones) is undone first."""
+    pg.psql("DO $$ BEGIN CREATE ROLE params_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
+    with pconnect(pooler) as a, pconnect(pooler) as b:
+        defaults = {name: _show(b, name) for name in ("statement_timeout", "search_path", "work_mem")}
+        a.execute("SET statement_timeout = '1234ms'")
+        a.execute("SET search_path = pg_catalog")
+        a.execute("SET work_mem = '7MB'")
+        a.execute("SET ROLE params_reader")
+        for name, value in defaults.items():
+            assert _show(b, name) == value, name
+        assert b.execute("SELECT current_user").fetchone() == ("trust_user",)
+        # SET LOCAL inside a transaction works as usual.
+        with b.transaction():
+            b.execute("SET LOCAL statement_timeout = '4321ms'")
+            assert _show(b, "statement_timeout") == "4321ms"
+        assert _show(b, "statement_timeout") == defaults["statement_timeout"]

@@ -85,7 +85,12 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
         } else if (kind == 'T' || kind == 'n') {
             popped = h == DESCRIBE;
         } else if (kind == 'C' || kind == 'I' || kind == 's') {
-            if (kind == 'C' && data[pos + 5] == 'D') {
+            const unsigned char *tag = data + pos + 5;
+            size_t tag_len = (size_t)(end - pos - 5);
+            /* DISCARD/DEALLOCATE ALL, or a statement that changed session state */
+            if (kind == 'C' && (tag[0] == 'D' || (tag_len == 4 && !memcmp(tag, "SET", 4)) ||
+                                (tag_len == 7 && !memcmp(tag, "LISTEN", 7)) ||
+                                (tag_len == 8 && !memcmp(tag, "PREPARE", 8)))) {
                 result = SPECIAL;
                 break;
             }

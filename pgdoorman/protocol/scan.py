@@ -39,6 +39,8 @@ _unpack_len = struct.Struct("!I").unpack_from
 _WHOLE = frozenset(b"PBDCX")  # requests read whole (names); others may be streamed
 _PLAIN_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC, 68: DESCRIBE, 67: CLOSE}
 _NO_REPLY = frozenset(b"Hdcf")  # Flush and COPY data from the client
+# CommandComplete tags of statements that change session state a later client could see.
+_SESSION_TAGS = frozenset((b"SET\0", b"LISTEN\0", b"PREPARE\0"))
 
 
 def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tuple[int, int, int, int]:
@@ -72,8 +74,8 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
         elif kind == 84 or kind == 110:
             popped = head == DESCRIBE
         elif kind == 67 or kind == 73 or kind == 115:
-            if kind == 67 and data[pos + 5] == 68:  # "D...": maybe DISCARD ALL / DEALLOCATE ALL
-                return pos, SPECIAL, 0, last_z
+            if kind == 67 and (data[pos + 5] == 68 or data[pos + 5 : end] in _SESSION_TAGS):
+                return pos, SPECIAL, 0, last_z  # DISCARD/DEALLOCATE ALL, or session state changed
             popped = head == EXECUTE
         pos = end
         if popped:
