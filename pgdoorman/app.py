@@ -117,6 +117,9 @@ class App:
         for client in list(self.clients):
             if client.state != ACTIVE:
                 continue
+            if client.activity != client.seen_activity:
+                client.seen_activity = client.activity
+                client.last_active = now
             idle = now - client.last_active
             if client.server is not None and client.server.pending:
                 continue  # a query is running: not idle

@@ -61,10 +61,14 @@ class ClientConn(asyncio.Protocol):
         self.stmts: dict[bytes, Statement] = {}  # client's statement name -> shared statement
         self.cancel_key: tuple[int, int] = (0, 0)
         self.connected_at = time.monotonic()
+        # Idle timeouts: data_received only counts; housekeeping notes when the count moved.
+        self.activity = 0
+        self.seen_activity = 0
         self.last_active = self.connected_at
         self.in_transaction = False
         self._rewrite = False
         self._stmt_cap = 0
+        self._reset_always = app.config.general.server_reset_query_always
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray()  # login-phase input
         self._held: bytearray | None = None  # requests waiting for a server
@@ -95,7 +99,7 @@ class ClientConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state == ACTIVE:
-            self.last_active = time.monotonic()
+            self.activity += 1
             server = self.server
             if server is not None:
                 self._forward(data, server)
@@ -281,10 +285,11 @@ class ClientConn(asyncio.Protocol):
 
     def _need_server(self) -> None:
         assert self.pool is not None and self._held is not None
-        if self._held[:1] == b"X":
+        first = self._held[0]
+        if first == 88:  # Terminate
             self.close("client close request")
             return
-        if self._rewrite and self._held[:1] == b"P" and self._prepare_locally(self._held):
+        if first == 80 and self._rewrite and self._prepare_locally(self._held):
             self._held = None
             return
         server = self.pool.acquire(self)
@@ -330,7 +335,8 @@ class ClientConn(asyncio.Protocol):
 
     def assign(self, server: ServerConn) -> None:
         """The pool lends us a server: replay settings, then forward what the client sent."""
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if self.state == CLOSED:
             assert self.pool is not None
             self.pool.release(server)
@@ -346,7 +352,8 @@ class ClientConn(asyncio.Protocol):
             self._welcome()
             if self.server is None:
                 return
-        self._sync_params(server)
+        if server.tracked != self.tracked:
+            self._sync_params(server)
         held, self._held = self._held, None
         if self._paused:
             self._paused = False
@@ -533,10 +540,13 @@ class ClientConn(asyncio.Protocol):
             return
         if status == _STATUS_IDLE:
             server = self.server
-            assert server is not None
+            assert server is not None and self.pool is not None
             self.server = None
             server.client = None
-            self._give_back(server)
+            if server.session_reset or self._reset_always:
+                self._give_back(server)
+            else:
+                self.pool.release(server)
         elif self.mode == STATEMENT:
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")

@@ -96,7 +96,7 @@ class Pool:
             server.close("released while not idle")
             return
         lifetime = self.cfg.server_lifetime
-        if lifetime and time.monotonic() - server.created > lifetime:
+        if lifetime and server.last_used - server.created > lifetime:  # last_used: just now
             server.close("server lifetime reached")
             return
         while self.waiters:

@@ -272,8 +272,9 @@ class ServerConn(asyncio.Protocol):
             payload = out
         if ready >= 0 and ready != _STATUS_IDLE and self.refuse_transactions:
             payload = b""  # statement mode: the client gets only the error, its session ends
-        if payload:
-            self._emit(payload)
+        client = self.client
+        if payload and client is not None:
+            client.transport.write(payload)
         if ready >= 0:
             self._on_ready(ready)
 

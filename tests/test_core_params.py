@@ -53,7 +53,8 @@ def test_quoting_of_replayed_values(start_pooler):
 
 def test_plain_set_never_reaches_the_next_client(pg, start_pooler):
     """Any SET a client leaves on a shared server (not only the tracked ones) is undone first."""
-    pg.psql("DO $$ BEGIN CREATE ROLE params_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    pg.psql("DO $$ BEGIN CREATE ROLE params_reader NOLOGIN; "
+            "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
     with pconnect(pooler) as a, pconnect(pooler) as b:
         defaults = {name: _show(b, name) for name in ("statement_timeout", "search_path", "work_mem")}

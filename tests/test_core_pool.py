@@ -62,3 +62,28 @@ def test_unix_sockets_both_sides(pg, start_pooler, tmp_path):
         # PostgreSQL sees a unix-socket client: no client address.
         assert conn.execute("SELECT client_addr FROM pg_stat_activity WHERE pid = pg_backend_pid()"
                             ).fetchone() == (None,)
+
+
+def test_client_idle_timeouts(pg, start_pooler):
+    """client_idle_timeout ends idle sessions (57P05); idle_transaction_timeout ends clients idle
+    inside a transaction (25P03) and their server is rolled back."""
+    pooler = start_pooler(pool_config("idle", pool_size=1, users=("trust_user",)),
+                          {"client_idle_timeout": "1s", "idle_transaction_timeout": "1s"})
+    idle = pconnect(pooler, "idle")
+    in_tx = pconnect(pooler, "idle", autocommit=False)
+    in_tx.execute("INSERT INTO t_hygiene VALUES (4242, 'idle in transaction')")
+    try:
+        assert wait_until(lambda: "idle-session timeout" in pooler.log()
+                          and "idle-in-transaction timeout" in pooler.log(), timeout=20), pooler.log()
+        for conn, sqlstate in ((idle, "57P05"), (in_tx, "25P03")):
+            try:
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                assert exc.sqlstate in (sqlstate, None), exc  # None: only the closed socket was seen
+            else:
+                raise AssertionError("the pooler did not close the idle client")
+    finally:
+        idle.close()
+        in_tx.close()
+    with pconnect(pooler, "idle") as fresh:
+        assert fresh.execute("SELECT count(*) FROM t_hygiene WHERE id = 4242").fetchone() == (0,)
