@@ -46,6 +46,15 @@ _TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 
 
 class ClientConn(asyncio.Protocol):
+    # Slots: thousands of mostly idle clients, and attribute reads on every message.
+    __slots__ = (
+        "_auth_kind", "_buf", "_held", "_max_message", "_partial", "_paused", "_reset_always",
+        "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_timer",
+        "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
+        "mode", "params", "peer", "pool", "seen_activity", "server", "state", "stmts", "tracked",
+        "transport", "wait_since", "waiting",
+    )
+
     def __init__(self, app: App) -> None:
         self.id = f"C-{next(_ids)}"
         self.app = app

@@ -96,6 +96,13 @@ class ServerError(Exception):
 
 
 class ServerConn(asyncio.Protocol):
+    __slots__ = (
+        "_handshaking", "_inbuf", "_partial", "_scram", "_skip", "backend_key", "backend_pid",
+        "cancels_in_flight", "client", "close_reason", "closed", "created", "id", "last_used",
+        "on_idle", "params", "parked", "pending", "pool", "ready", "refs", "refuse_transactions",
+        "session_reset", "statements", "status", "tracked", "transport",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self.id = f"S-{next(_ids)}"
         self.pool = pool
