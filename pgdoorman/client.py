@@ -298,7 +298,8 @@ class ClientConn(asyncio.Protocol):
         if first == 88:  # Terminate
             self.close("client close request")
             return
-        if first == 80 and self._rewrite and self._prepare_locally(self._held):
+        held = self._held
+        if first == 80 and len(held) > 5 and held[5] != 0 and self._rewrite and self._prepare_locally(held):
             self._held = None
             return
         server = self.pool.acquire(self)
