@@ -30,7 +30,6 @@ class Waiter(Protocol):
 
 class Pool:
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig) -> None:
-        self.db = pool_cfg.name
         self.user = user_cfg.username
         self.name = f"{pool_cfg.name}/{user_cfg.username}"
         self.cfg = pool_cfg
@@ -57,7 +56,6 @@ class Pool:
         self.servers: set[ServerConn] = set()
         self.connecting = 0
         self.server_params: dict[str, str] | None = None
-        self.last_connect_error: tuple[str, str] | None = None
         self._retry_at = 0.0
         self._closing = False
 
@@ -137,7 +135,6 @@ class Pool:
         except ServerError as exc:
             self.connecting -= 1
             self._retry_at = time.monotonic() + RETRY_DELAY
-            self.last_connect_error = (str(exc), exc.code)
             log.warning("%s: server connect failed: %s", self.name, exc)
             if not self.servers and self.connecting == 0:
                 self._fail_waiters(f"server login failed: {exc}", exc.code)
@@ -167,7 +164,6 @@ class Pool:
             raise ServerError(f"could not connect to server {host}:{port}: {exc.strerror or exc}") from None
         if self.server_params is None:
             self.server_params = dict(server.params)
-        self.last_connect_error = None
         log.info("%s: %s new server connection to %s:%s (backend pid %d)",
                  server.id, self.name, host, port, server.backend_pid)
         return server

@@ -98,7 +98,7 @@ class ServerError(Exception):
 class ServerConn(asyncio.Protocol):
     __slots__ = (
         "_handshaking", "_inbuf", "_partial", "_scram", "_skip", "backend_key", "backend_pid",
-        "cancels_in_flight", "client", "close_reason", "closed", "created", "id", "last_used",
+        "cancels_in_flight", "client", "closed", "created", "id", "last_used",
         "on_idle", "params", "parked", "pending", "pool", "ready", "refs", "refuse_transactions",
         "session_reset", "statements", "status", "tracked", "transport",
     )
@@ -124,7 +124,6 @@ class ServerConn(asyncio.Protocol):
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
         self.closed = False
-        self.close_reason = ""
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_idle: Callable[[ServerConn], None] | None = None  # reset done; else released to pool
         self._handshaking = True
@@ -439,7 +438,6 @@ class ServerConn(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.close_reason = reason
         log.info("%s: %s closing because: %s", self.id, self.pool.name, reason)
         if self.transport is not None:
             if not self._handshaking:

@@ -36,11 +36,6 @@ def error_response(code: str, text: str, severity: str = "ERROR", detail: str | 
     return message(b"E", fields + b"\0")
 
 
-def notice_response(text: str, code: str = "00000", severity: str = "NOTICE") -> bytes:
-    body = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(code) + b"M" + cstr(text) + b"\0"
-    return message(b"N", body)
-
-
 def ready_for_query(status: bytes = b"I") -> bytes:
     return message(b"Z", status)
 
@@ -103,7 +98,6 @@ def parse_message(name: bytes, query_and_types: bytes) -> bytes:
 
 
 TERMINATE = b"X\0\0\0\x04"
-SYNC = b"S\0\0\0\x04"
 
 
 # --- parsers ---
