@@ -231,17 +231,17 @@ class ClientConn(asyncio.Protocol):
                     raise AuthFailed("md5 password mismatch")
                 self._auth_ok()
             elif self._auth_kind == "scram" and self._scram is not None:
-                if self._salt == b"":  # first SASL message: mechanism, length, client-first
-                    mechanism, pos = m.read_cstr(body, 0)
-                    if mechanism != b"SCRAM-SHA-256":
-                        raise m.ProtocolError("unsupported SASL mechanism")
-                    reply = self._scram.handle_client_first(body[pos + 4 :])
-                    self._salt = b"sent"
-                    self.transport.write(m.authentication(codes.AUTH_SASL_CONTINUE, reply))
-                else:
-                    final = self._scram.handle_client_final(body)
-                    self.transport.write(m.authentication(codes.AUTH_SASL_FINAL, final))
-                    self._auth_ok()
+                # SASLInitialResponse: mechanism, length, client-first-message
+                mechanism, pos = m.read_cstr(body, 0)
+                if mechanism != b"SCRAM-SHA-256":
+                    raise m.ProtocolError("unsupported SASL mechanism")
+                reply = self._scram.handle_client_first(body[pos + 4 :])
+                self._auth_kind = "scram-final"
+                self.transport.write(m.authentication(codes.AUTH_SASL_CONTINUE, reply))
+            elif self._auth_kind == "scram-final" and self._scram is not None:
+                final = self._scram.handle_client_final(body)
+                self.transport.write(m.authentication(codes.AUTH_SASL_FINAL, final))
+                self._auth_ok()
             else:
                 raise m.ProtocolError("unexpected password message")
         except (AuthFailed, IndexError, struct.error) as exc:
