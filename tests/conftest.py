@@ -42,6 +42,7 @@ def pg() -> Iterator[Cluster]:
             Role("trust_user", None, "trust"),
             Role("md5_user", "md5_pass", "md5"),
             Role("scram_user", "scram_pass", "scram-sha-256"),
+            Role("clear_user", "clear_pass", "password"),  # server asks for a cleartext password
         ],
         databases=["testdb"],
     )

@@ -29,7 +29,8 @@ from pgdoorman.devcluster import Cluster, free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Passwords of the roles the session cluster creates (trust_user has none).
-PASSWORDS: dict[str, str] = {"trust_user": "", "md5_user": "md5_pass", "scram_user": "scram_pass"}
+PASSWORDS: dict[str, str] = {"trust_user": "", "md5_user": "md5_pass", "scram_user": "scram_pass",
+                             "clear_user": "clear_pass"}
 ALL_USERS = ("trust_user", "md5_user", "scram_user")
 #: Keys that belong to a `[pools.X.users.N]` table rather than to `[pools.X]`.
 USER_KEYS = frozenset({"password", "server_password", "server_username", "min_pool_size", "pool_size"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import asyncpg
@@ -181,3 +182,29 @@ async def test_stored_secret_accepts_right_password(pg, start_pooler, kind):
         assert f'password authentication failed for user "{user}"' in str(ei.value)
         with pytest.raises(psycopg.OperationalError):
             pconnect(p, "hashed", user, password="wrong")
+
+
+def test_server_cleartext_password_auth(start_pooler):
+    """A server that asks for a cleartext password (pg_hba `password`) gets server_password."""
+    pooler = start_pooler(pool_config("clear", pool_size=1, users=("clear_user",)))
+    with psycopg.connect(pooler.dsn("clear", "clear_user"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("clear_user",)
+
+
+def test_server_connect_timeout(start_pooler):
+    """A server that accepts TCP but never answers: the client gets an error after
+    server_connect_timeout, not a hang."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes handshakes; nobody ever reads or writes
+    try:
+        pools = pool_config("silent", pool_size=1, users=("trust_user",),
+                            server_port=silent.getsockname()[1])
+        pooler = start_pooler(pools, {"server_connect_timeout": "1s", "query_wait_timeout": "30s"})
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as ei:
+            psycopg.connect(pooler.dsn("silent", "trust_user"), connect_timeout=20)
+        assert time.monotonic() - started < 15  # well before query_wait_timeout: not a hang
+        assert "timeout" in str(ei.value), ei.value
+    finally:
+        silent.close()
