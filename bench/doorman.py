@@ -16,11 +16,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclass
 class PgDoorman(PoolerProcess):
-    server_port: int = 0
-    database: str = ""
-    user: str = ""
-    pool_size: int = 20
-    max_client_conn: int = 1000
     log_level: str = "info"
 
     def prepare(self) -> None:

@@ -43,11 +43,6 @@ def version_of(binary: str) -> tuple[str, tuple[int, ...]]:
 
 @dataclass
 class PgBouncer(PoolerProcess):
-    server_port: int = 0
-    database: str = ""
-    user: str = ""
-    pool_size: int = 20
-    max_client_conn: int = 1000
     binary: str = ""
 
     def prepare(self) -> None:

@@ -49,8 +49,14 @@ class Target:
 
 @dataclass
 class PoolerProcess(Target):
-    """A pooler run as a child process, logging to a file in its work dir."""
+    """A pooler run as a child process in front of one PostgreSQL database, logging to a file in its
+    work dir."""
 
+    server_port: int = 0
+    database: str = ""
+    user: str = ""
+    pool_size: int = 20
+    max_client_conn: int = 1000
     workdir: str = ""
     log_path: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
