@@ -210,7 +210,8 @@ def test_default_config_loads() -> None:
     assert c.general.host == ("127.0.0.1",) and c.general.port == 6432
     assert c.general.pool_mode == "transaction"
     pool = c.pools["postgres"]
-    assert (pool.server_host, pool.server_port, pool.server_database) == ("127.0.0.1", 5432, "postgres")
+    assert (pool.server_host, pool.server_port) == ("/var/run/postgresql", 5432)
+    assert pool.server_database == "postgres"
     user = pool.users["postgres"]
     assert user.password == "" and user.pool_size == 20 and user.pool_mode == "transaction"
     assert c.path.endswith("default.toml")
