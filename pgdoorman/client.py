@@ -80,7 +80,7 @@ class ClientConn(asyncio.Protocol):
         self._reset_always = app.config.general.server_reset_query_always
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray()  # login-phase input
-        self._held: bytearray | None = None  # requests waiting for a server
+        self._held: bytes | bytearray | None = None  # requests waiting for a server
         self._partial = b""
         self._skip = 0
         self._timer: asyncio.TimerHandle | None = None  # login timeout
@@ -113,12 +113,14 @@ class ClientConn(asyncio.Protocol):
             if server is not None:
                 self._forward(data, server)
             elif self._held is not None:
+                if isinstance(self._held, bytes):  # a second chunk: start accumulating
+                    self._held = bytearray(self._held)
                 self._held += data
                 if len(self._held) > HOLD_LIMIT and not self._paused:
                     self._paused = True
                     self.transport.pause_reading()
             else:
-                self._held = bytearray(data)
+                self._held = data  # usually the whole request: kept as is, no copy
                 self._need_server()
         elif self.state != CLOSED:
             self._buf += data
@@ -308,7 +310,7 @@ class ClientConn(asyncio.Protocol):
         # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
         # housekeeping, so waiting costs no timer and no epoll change per transaction)
 
-    def _prepare_locally(self, data: bytearray) -> bool:
+    def _prepare_locally(self, data: bytes | bytearray) -> bool:
         """Answer "Parse(named)... Sync" outside a transaction without a server when every statement
         is one the pool has already prepared successfully: libpq's PQprepare (pgbench -M prepared)
         then never waits for a server while its thread's other connections hold them all."""

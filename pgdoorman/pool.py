@@ -71,7 +71,8 @@ class Pool:
         client.waiting = True
         client.wait_since = time.monotonic()
         self.waiters.append(client)
-        self._grow()
+        if len(self.servers) + self.connecting < self.pool_size:
+            self._grow()
         return None
 
     def cancel_wait(self, client: Waiter) -> None:
