@@ -26,7 +26,7 @@ from pgdoorman.protocol.scan import (
     SYNTH_PARSE,
     scan_requests,
 )
-from pgdoorman.server import TRACKED_PARAMS, ServerConn, tracked_values, with_tracked
+from pgdoorman.server import SYNTH_REPLY, TRACKED_PARAMS, ServerConn, tracked_values, with_tracked
 
 if TYPE_CHECKING:
     from pgdoorman.app import App
@@ -488,7 +488,7 @@ class ClientConn(asyncio.Protocol):
         if server.pending:
             server.pending.append(kind)
         else:
-            self.transport.write(m.parse_complete() if kind == SYNTH_PARSE else m.close_complete())
+            self.transport.write(SYNTH_REPLY[kind])
 
     def _parse(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
         assert self.pool is not None

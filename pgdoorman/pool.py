@@ -8,6 +8,7 @@ import time
 from collections import deque
 from typing import Protocol
 
+from pgdoorman.auth import parse_secret
 from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
 from pgdoorman.prepared import Registry
 from pgdoorman.protocol import codes
@@ -42,12 +43,15 @@ class Pool:
         self.server_database = pool_cfg.server_database
         self.application_name = pool_cfg.application_name
         password = user_cfg.server_password
-        if password is None and user_cfg.password and not _is_hashed(user_cfg.password):
-            password = user_cfg.password
-        if password is None and user_cfg.password.startswith("md5") and self.server_user == self.user:
-            password = user_cfg.password  # an md5 hash is all md5 server auth needs
+        if password is None:
+            client_secret = parse_secret(user_cfg.password, user_cfg.username)
+            if client_secret.kind == "plain":
+                password = client_secret.plain
+            elif client_secret.kind == "md5" and self.server_user == self.user:
+                password = client_secret.md5  # an md5 hash is all md5 server auth needs
         self.server_password = password
-        self.server_password_is_md5 = password is not None and _is_md5(password)
+        self.server_password_is_md5 = (
+            password is not None and parse_secret(password, self.server_user).kind == "md5")
         self.prepared_enabled = general.prepared_statements and pool_cfg.prepared_statements_cache_size > 0
         self.prepared_cache_size = pool_cfg.prepared_statements_cache_size
         self.registry = Registry(max(self.prepared_cache_size, 1))
@@ -213,11 +217,3 @@ class Pool:
         self._fail_waiters(reason, codes.ADMIN_SHUTDOWN)
         for server in list(self.servers):
             server.close(reason)
-
-
-def _is_md5(password: str) -> bool:
-    return len(password) == 35 and password.startswith("md5")
-
-
-def _is_hashed(password: str) -> bool:
-    return _is_md5(password) or password.startswith("SCRAM-SHA-256$")

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
-from pgdoorman.auth import AuthFailed, ScramClient, md5_salted_response
+from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
 from pgdoorman.prepared import ServerStatements, Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
@@ -49,7 +49,7 @@ _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
 _ids = itertools.count(1)
 
-_SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
+SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
 _HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
 
 _Z, _E, _S = 90, 69, 83
@@ -198,7 +198,8 @@ class ServerConn(asyncio.Protocol):
         if code == codes.AUTH_CLEARTEXT:
             self.transport.write(m.password_message(m.cstr(password)))
         elif code == codes.AUTH_MD5:
-            hashed = password if self.pool.server_password_is_md5 else _md5(password, self.pool.server_user)
+            pool = self.pool
+            hashed = password if pool.server_password_is_md5 else md5_hash(password, pool.server_user)
             self.transport.write(m.password_message(m.cstr(md5_salted_response(hashed, data[:4]))))
         elif code == codes.AUTH_SASL:
             if b"SCRAM-SHA-256\0" not in data:
@@ -337,7 +338,7 @@ class ServerConn(asyncio.Protocol):
         pending = self.pending
         extra = b""
         while pending and pending[0] >= SYNTH_PARSE:
-            extra += _SYNTH_REPLY[pending[0]]
+            extra += SYNTH_REPLY[pending[0]]
             del pending[0]
         return extra
 
@@ -467,9 +468,3 @@ class ServerConn(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.client is not None:
             self.client.transport.resume_reading()
-
-
-def _md5(password: str, user: str) -> str:
-    from pgdoorman.auth import md5_hash
-
-    return md5_hash(password, user)
