@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from bench.records import TARGETS, Summary
 
-COLORS = {"direct": "C0", "pgbouncer": "C1", "pgdoorman": "C2"}  # the same in every subplot
+# the same in every subplot
+COLORS = {"direct": "C0", "pgbouncer": "C1", "pgdoorman": "C2", "pgdoorman-1w": "C3"}
 
 
 def write_png(path: str, summaries: list[Summary], modes: list[str]) -> bool:

@@ -17,6 +17,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class PgDoorman(PoolerProcess):
     log_level: str = "info"
+    workers: int = 0  # pgdoorman's default: one worker process per CPU core
 
     def prepare(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-pgdoorman-")
@@ -31,6 +32,7 @@ class PgDoorman(PoolerProcess):
                 "query_wait_timeout": "120s",  # PgBouncer's default
                 "prepared_statements": True,
                 "log_level": self.log_level,
+                "workers": self.workers,
                 "log_client_connections": False,  # as PgBouncer's log_connections = 0
                 "log_client_disconnections": False,
             },

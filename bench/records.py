@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-TARGETS = ("direct", "pgbouncer", "pgdoorman")
+TARGETS = ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w")  # -1w: one worker process
 MODES = ("simple", "extended", "prepared")
 
 
@@ -88,7 +88,7 @@ def summarize(runs: list[RunRecord]) -> list[Summary]:
         ))
     by_key = {(s.case, s.mode, s.clients, s.target): s for s in out}
     for s in out:
-        if s.target != "pgdoorman":
+        if not s.target.startswith("pgdoorman"):
             continue
         for other, attr in (("pgbouncer", "vs_pgbouncer"), ("direct", "vs_direct")):
             base = by_key.get((s.case, s.mode, s.clients, other))

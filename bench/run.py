@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (-T, 10)")
     p.add_argument("--clients", type=_int_list, default=[1, 32, 500], help="client counts (1,32,500)")
     p.add_argument("--modes", type=_str_list, default=list(MODES), help="pgbench -M modes")
-    p.add_argument("--targets", type=_str_list, default=list(TARGETS), help="direct,pgbouncer,pgdoorman")
+    p.add_argument("--targets", type=_str_list, default=list(TARGETS), help=",".join(TARGETS))
     p.add_argument("--churn-clients", type=int, default=32, help="clients of the -C case (0: skip)")
     p.add_argument("--idle-clients", type=int, default=10_000, help="idle logins per pooler (0: skip)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (10)")
@@ -148,8 +148,9 @@ def make_targets(args: argparse.Namespace, host: str, server_port: int) -> list[
             pgb.prepare()
             made.append(pgb)
         else:
-            pgd = PgDoorman("pgdoorman", host, free_port(host), server_port=server_port, database=DATABASE,
-                            user=USER, pool_size=POOL_SIZE, max_client_conn=max_client)
+            pgd = PgDoorman(name, host, free_port(host), server_port=server_port, database=DATABASE,
+                            user=USER, pool_size=POOL_SIZE, max_client_conn=max_client,
+                            workers=1 if name == "pgdoorman-1w" else 0)
             pgd.prepare()
             made.append(pgd)
     return made

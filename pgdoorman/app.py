@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import signal
 import socket
 import time
 
+from pgdoorman import ids
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
-from pgdoorman.config import Config
+from pgdoorman.config import Config, pool_keys, pool_share
+from pgdoorman.listen import CLOSED_NOTE, HANDOFF_MAX, listen
 from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
 
@@ -22,15 +23,25 @@ TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_ti
 
 
 class App:
-    def __init__(self, config: Config) -> None:
+    """One event loop's pooler: the whole pooler (one worker), or worker `worker` of `workers`, which
+    then gets its clients from the acceptor process over a unix socket instead of listening."""
+
+    def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
-        self.cancels = CancelRegistry()
+        ids.configure(worker, workers)
+        self.cancels = CancelRegistry(worker, workers)
         self.clients: set[ClientConn] = set()
-        self.pools: dict[tuple[str, str], Pool] = {
-            (db, user): Pool(pool_cfg, user_cfg, config.general)
-            for db, pool_cfg in config.pools.items()
-            for user, user_cfg in pool_cfg.users.items()
-        }
+        self.pools: dict[tuple[str, str], Pool] = {}
+        for index, (db, user) in enumerate(pool_keys(config)):
+            pool_cfg = config.pools[db]
+            user_cfg = pool_cfg.users[user]
+            self.pools[(db, user)] = Pool(
+                pool_cfg, user_cfg, config.general,
+                pool_size=pool_share(user_cfg.pool_size, index, worker, workers),
+                min_pool_size=pool_share(user_cfg.min_pool_size, index, worker, workers))
+        self._channel: socket.socket | None = None
+        self._closed_unreported = 0  # client closes the acceptor has not been told of yet
+        self._adopting: set[asyncio.Task[None]] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._stopped = asyncio.Event()
         self._tick: asyncio.Task[None] | None = None
@@ -44,34 +55,25 @@ class App:
         self.clients.add(client)
 
     def client_disconnected(self, client: ClientConn) -> None:
-        self.clients.discard(client)
+        if client in self.clients:
+            self.clients.remove(client)
+            if self._channel is not None:
+                self._closed_unreported += 1
+                self._report_closed()
 
     def over_client_limit(self) -> bool:
         return len(self.clients) > self.config.general.max_client_conn
 
     # --- life cycle ---
 
-    async def start(self) -> None:
-        g = self.config.general
+    async def start(self, channel_fd: int | None = None) -> None:
         loop = asyncio.get_running_loop()
-        for host in g.host:
-            server = await loop.create_server(lambda: ClientConn(self), host, g.port,
-                                              reuse_address=True, backlog=4096)
-            self._listeners.append(server)
-            log.info("listening on %s:%d", host, g.port)
-        if g.unix_socket_dir:
-            path = os.path.join(g.unix_socket_dir, f".s.PGSQL.{g.port}")
-            if os.path.exists(path):
-                os.unlink(path)
-            server = await loop.create_unix_server(lambda: ClientConn(self), path, backlog=4096)
-            os.chmod(path, 0o777)
-            self._listeners.append(server)
-            log.info("listening on unix socket %s", path)
-        if g.tcp_keepalive:
-            for listener in self._listeners:
-                for sock in getattr(listener, "sockets", ()):
-                    if sock.family != socket.AF_UNIX:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if channel_fd is None:
+            self._listeners = await listen(self.config.general, lambda: ClientConn(self))
+        else:
+            self._channel = socket.socket(fileno=channel_fd)
+            self._channel.setblocking(False)
+            loop.add_reader(channel_fd, self._receive_clients)
         for pool in self.pools.values():
             pool.maintain()  # opens min_pool_size servers
         self._tick = loop.create_task(self._housekeeping())
@@ -82,6 +84,53 @@ class App:
         gc.set_threshold(GC_THRESHOLD, 20, 20)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
+
+    # --- worker side of the hand-over from the acceptor (see pgdoorman/acceptor.py) ---
+
+    def _receive_clients(self) -> None:
+        assert self._channel is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self._channel, HANDOFF_MAX, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                data, fds = b"", []
+                log.error("hand-over channel failed: %s", exc)
+            if not data and not fds:
+                log.warning("the acceptor process is gone: stopping")
+                loop.remove_reader(self._channel.fileno())
+                self._stopped.set()
+                return
+            if not fds:
+                continue
+            sock = socket.socket(fileno=fds[0])
+            task = loop.create_task(self._adopt(sock, data))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, sock: socket.socket, initial: bytes) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientConn(self, initial), sock)
+        except OSError as exc:  # the client went away during the hand-over
+            log.info("client hand-over failed: %s", exc)
+            sock.close()
+            self._closed_unreported += 1
+            self._report_closed()
+
+    def _report_closed(self) -> None:
+        """Tell the acceptor how many of its clients have gone (it balances and counts by that)."""
+        if not self._closed_unreported or self._channel is None:
+            return
+        try:
+            self._channel.send(CLOSED_NOTE * min(self._closed_unreported, HANDOFF_MAX))
+        except (BlockingIOError, InterruptedError):
+            return  # retried on the next close or housekeeping tick
+        except OSError:
+            self._closed_unreported = 0
+            return
+        self._closed_unreported -= min(self._closed_unreported, HANDOFF_MAX)
 
     async def run_until_stopped(self) -> None:
         await self._stopped.wait()
@@ -106,6 +155,7 @@ class App:
                 for pool in self.pools.values():
                     pool.maintain()
                 self._expire_clients()
+                self._report_closed()
             except Exception:  # housekeeping must never die
                 log.exception("housekeeping failed")
 
@@ -131,7 +181,7 @@ class App:
                 client.fatal(codes.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout")
 
 
-async def serve(config: Config) -> None:
-    app = App(config)
-    await app.start()
+async def serve(config: Config, worker: int = 0, workers: int = 1, channel_fd: int | None = None) -> None:
+    app = App(config, worker, workers)
+    await app.start(channel_fd)
     await app.run_until_stopped()

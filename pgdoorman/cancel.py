@@ -18,13 +18,17 @@ CANCEL_TIMEOUT = 5.0
 
 
 class CancelRegistry:
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0, workers: int = 1) -> None:
+        # The key's pid part is ≡ worker (mod workers): the acceptor routes a CancelRequest by it.
+        self._worker = worker
+        self._workers = workers
         self._clients: dict[tuple[int, int], ClientConn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, client: ClientConn) -> tuple[int, int]:
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
+            pid = secrets.randbits(30) // self._workers * self._workers + self._worker
+            key = (pid, secrets.randbits(31) - (1 << 30))
             if key not in self._clients:
                 self._clients[key] = client
                 return key

@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pgdoorman import __version__
-from pgdoorman.config import Config, ConfigError, default_config, load_config
+from pgdoorman.config import Config, ConfigError, default_config, load_config, worker_count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0/1")
     p.add_argument("--version", action="version", version=f"pgdoorman {__version__}")
     p.add_argument("--log-level", help="override general.log_level")
+    # Internal: how the acceptor starts worker I of N (see pgdoorman/acceptor.py).
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -31,7 +34,7 @@ def _load(path: str | None) -> Config:
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        format="%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(message)s",
         datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
     )
@@ -61,13 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.path}: ok ({len(config.pools)} pools)")
         return 0
     setup_logging(args.log_level or config.general.log_level)
-    logging.getLogger("pgdoorman").info("pgdoorman %s starting with %s", __version__, config.path)
-    from pgdoorman.app import serve
-
+    log = logging.getLogger("pgdoorman")
     try:
-        _run(serve(config))
+        if args.worker:
+            worker, workers = (int(x) for x in args.worker.split("/"))
+            log.info("worker %d of %d starting", worker, workers)
+            from pgdoorman.app import serve
+
+            _run(serve(config, worker, workers, args.channel_fd))
+            return 0
+        workers = worker_count(config)
+        log.info("pgdoorman %s starting with %s, %d worker%s", __version__, config.path, workers,
+                 "s" if workers > 1 else "")
+        if workers > 1:
+            from pgdoorman.acceptor import serve_workers
+
+            _run(serve_workers(config, workers, args.config, args.log_level))
+        else:
+            from pgdoorman.app import serve
+
+            _run(serve(config))
     except OSError as exc:
-        logging.getLogger("pgdoorman").error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass

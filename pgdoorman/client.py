@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import struct
 import time
 from typing import TYPE_CHECKING, cast
 
+from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
 from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
@@ -36,7 +36,6 @@ log = logging.getLogger("pgdoorman.client")
 _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
 _pack_hdr = struct.Struct("!cI").pack
-_ids = itertools.count(1)
 
 STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
@@ -55,8 +54,9 @@ class ClientConn(asyncio.Protocol):
         "transport", "wait_since", "waiting",
     )
 
-    def __init__(self, app: App) -> None:
-        self.id = f"C-{next(_ids)}"
+    def __init__(self, app: App, initial: bytes = b"") -> None:
+        """initial: what the acceptor process already read from the socket (its startup packet)."""
+        self.id = ids.client_id()
         self.app = app
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
@@ -79,7 +79,7 @@ class ClientConn(asyncio.Protocol):
         self._stmt_cap = 0
         self._reset_always = app.config.general.server_reset_query_always
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
-        self._buf = bytearray()  # login-phase input
+        self._buf = bytearray(initial)  # login-phase input
         self._held: bytes | bytearray | None = None  # requests waiting for a server
         self._partial = b""
         self._skip = 0
@@ -102,6 +102,8 @@ class ClientConn(asyncio.Protocol):
         timeout = self.app.config.general.client_login_timeout
         if timeout:
             self._timer = asyncio.get_running_loop().call_later(timeout, self._login_timeout)
+        if self._buf:
+            self.data_received(b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish("client closed the connection" if exc is None else f"client connection lost: {exc}")

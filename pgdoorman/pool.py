@@ -30,15 +30,17 @@ class Waiter(Protocol):
 
 
 class Pool:
-    def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig) -> None:
+    def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
+                 pool_size: int | None = None, min_pool_size: int | None = None) -> None:
+        """pool_size / min_pool_size: this worker's share of the configured limits (default: all)."""
         self.user = user_cfg.username
         self.name = f"{pool_cfg.name}/{user_cfg.username}"
         self.cfg = pool_cfg
         self.user_cfg = user_cfg
         self.general = general
         self.mode = user_cfg.pool_mode
-        self.pool_size = user_cfg.pool_size
-        self.min_pool_size = user_cfg.min_pool_size
+        self.pool_size = user_cfg.pool_size if pool_size is None else pool_size
+        self.min_pool_size = user_cfg.min_pool_size if min_pool_size is None else min_pool_size
         self.server_user = user_cfg.server_username
         self.server_database = pool_cfg.server_database
         self.application_name = pool_cfg.application_name

@@ -10,7 +10,6 @@ something in it must be hidden or inserted.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import socket
 import struct
@@ -19,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
+from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
 from pgdoorman.prepared import ServerStatements, Statement
 from pgdoorman.protocol import codes
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgdoorman.server")
 _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
-_ids = itertools.count(1)
 
 SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
 _HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
@@ -104,7 +103,7 @@ class ServerConn(asyncio.Protocol):
     )
 
     def __init__(self, pool: Pool) -> None:
-        self.id = f"S-{next(_ids)}"
+        self.id = ids.server_id()
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.client: ClientLink | None = None

@@ -23,6 +23,7 @@ ruff check pgdoorman tests bench
 mypy pgdoorman
 python3 -c 'import pgdoorman.protocol.scan as s, sys; sys.exit(not s.COMPILED)' \
     || { echo "the compiled frame scanner did not build"; exit 1; }
-# The pure-Python twin of the compiled scanner must pass the same pooler tests.
-PGDOORMAN_PURE_PYTHON=1 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_prepared.py
+# The pure-Python twin of the compiled scanner must pass the same pooler tests; this pass also runs
+# them with one worker process (the main pass uses the default: one worker per core, here 2).
+PGDOORMAN_PURE_PYTHON=1 PGDOORMAN_TEST_WORKERS=1 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_prepared.py
 exec python3 -m pytest -q -p no:cacheprovider "$@"

@@ -208,6 +208,8 @@ class PoolerLauncher:
         host = "127.0.0.1"
         port = free_port(host)
         gen: dict[str, Any] = {"host": host, "port": port, **(general or {})}
+        if "workers" not in gen and os.environ.get("PGDOORMAN_TEST_WORKERS"):
+            gen["workers"] = int(os.environ["PGDOORMAN_TEST_WORKERS"])  # scripts/test.sh runs both
         host, port = gen["host"], int(gen["port"])
         text = render_toml({"general": gen, "pools": dict(pools)})
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -29,12 +29,12 @@ def test_bench_quick(tmp_path: Path) -> None:
     [json_path] = [p for p in tmp_path.glob("*.json")]
     doc = json.loads(json_path.read_text())
     select = [s for s in doc["summary"] if s["case"] == "select" and not s["skipped"]]
-    for target in ("direct", "pgbouncer", "pgdoorman"):
+    for target in ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w"):
         rows = [s for s in select if s["target"] == target]
         assert rows, f"no pgbench result for {target}"
         assert all(s["tps"] > 0 for s in rows), f"{target}: {rows}"
     assert (tmp_path / "latest.md").exists()
-    assert {r["target"] for r in doc["idle"]} == {"pgbouncer", "pgdoorman"}
+    assert {r["target"] for r in doc["idle"]} == {"pgbouncer", "pgdoorman", "pgdoorman-1w"}
 
 
 def test_pgbench_output_parsing(tmp_path: Path) -> None:

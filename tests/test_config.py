@@ -297,7 +297,7 @@ def test_load_config_bad_utf8(tmp_path: pathlib.Path) -> None:
         ("[pools.a]\nserver_port = -1\n",
          "f.toml:2: pools.a.server_port: must be between 1 and 65535, got -1"),
         ("[general]\nmax_client_conn = 0\n", "f.toml:2: general.max_client_conn: must be at least 1, got 0"),
-        ("[general]\nworkers = 0\n", "f.toml:2: general.workers: must be at least 1, got 0"),
+        ("[general]\nworkers = 65\n", "f.toml:2: general.workers: must be between 0 and 64, got 65"),
         ("[general]\nprepared_statements_cache_size = -1\n",
          "f.toml:2: general.prepared_statements_cache_size: must be at least 0, got -1"),
         ('[pools.a.users.0]\nusername = "u"\npassword = ""\npool_size = 0\n',

@@ -4,6 +4,7 @@ from .durations import format_duration, parse_duration
 from .loader import default_config, load_config, parse_config
 from .render import render_config
 from .schema import LOG_LEVELS, POOL_MODES, Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
+from .workers import pool_keys, pool_share, worker_count
 
 __all__ = [
     "LOG_LEVELS",
@@ -18,5 +19,8 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "pool_keys",
+    "pool_share",
     "render_config",
+    "worker_count",
 ]

@@ -30,6 +30,7 @@ _MD5 = re.compile(r"md5[0-9a-fA-F]{32}")
 _B64 = r"((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)"
 _SCRAM = re.compile(rf"SCRAM-SHA-256\$([0-9]{{1,10}}):{_B64}\${_B64}:{_B64}")
 _REQUIRED: Any = object()
+MAX_WORKERS = 64
 _POOL_DEFAULTS = PoolConfig(name="")  # slotted dataclasses keep no class-level defaults
 
 
@@ -241,7 +242,7 @@ def _general(root: _Table) -> GeneralConfig:
         log_level=g.enum("log_level", d.log_level, LOG_LEVELS),
         log_client_connections=g.boolean("log_client_connections", d.log_client_connections),
         log_client_disconnections=g.boolean("log_client_disconnections", d.log_client_disconnections),
-        workers=g.integer("workers", d.workers, lo=1),
+        workers=g.integer("workers", d.workers, lo=0, hi=MAX_WORKERS),
         max_message_size=g.integer("max_message_size", d.max_message_size),
         tcp_keepalive=g.boolean("tcp_keepalive", d.tcp_keepalive),
     )

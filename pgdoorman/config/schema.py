@@ -88,7 +88,7 @@ class GeneralConfig:
     log_level: str = "info"
     log_client_connections: bool = True
     log_client_disconnections: bool = True
-    workers: int = 1
+    workers: int = 0  # worker processes; 0 = one per CPU core
     max_message_size: int = 0  # 0 = unlimited
     tcp_keepalive: bool = True
 
