@@ -25,8 +25,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pgdoorman import channel
 from pgdoorman.config import Config, pool_keys, pool_share
-from pgdoorman.listen import HANDOFF_MAX, listen
+from pgdoorman.listen import listen
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
@@ -35,6 +36,12 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 TICK = 0.25
 RESTART_BACKOFF = 2.0  # a worker that died younger than this is restarted only after it
 STOP_GRACE = 10.0  # seconds the workers get to close their clients before SIGKILL
+# Balancing waiting clients between workers (seconds; see Acceptor._balance)
+STALE_LOAD = 1.0  # a LOAD report older than this is not acted on
+BALANCE_PAUSE = 0.5  # after moving a pool's clients, let the reports show the effect first
+FREE_SERVER_WAIT = 0.02  # a client waiting this long while another worker has a free server moves
+IMBALANCE = 1.25  # ... or when its worker's waits are this much longer than another's
+IMBALANCE_SLACK = 0.002
 
 
 @dataclass(eq=False)
@@ -46,6 +53,9 @@ class Worker:
     started: float = 0.0
     restart_at: float = 0.0
     backlog: deque[tuple[bytes, socket.socket]] = field(default_factory=deque)  # channel was full
+    # pool index -> (clients, waiters, oldest wait s, free servers), from its latest LOAD report
+    loads: dict[int, tuple[int, int, float, int]] = field(default_factory=dict)
+    loads_at: float = 0.0
 
 
 class Intake(asyncio.Protocol):
@@ -99,12 +109,16 @@ class Acceptor:
         self.config = config
         self.workers = [Worker(i) for i in range(workers)]
         self._worker_argv = worker_argv  # how to start one: argv without --worker / --channel-fd
-        # (database, user) -> the workers that have servers for that pool
+        # (database, user) -> the workers that have servers for that pool; and by pool index
         self._capable: dict[tuple[str, str], list[Worker]] = {}
+        self._shares: list[list[int]] = []  # pool index -> each worker's pool_size share
         for index, (db, user) in enumerate(pool_keys(config)):
             size = config.pools[db].users[user].pool_size
-            self._capable[(db, user)] = [w for w in self.workers
-                                         if pool_share(size, index, w.index, workers) > 0]
+            shares = [pool_share(size, index, w.index, workers) for w in self.workers]
+            self._shares.append(shares)
+            self._capable[(db, user)] = [w for w in self.workers if shares[w.index] > 0]
+        self._moved_keys: dict[tuple[int, int], Worker] = {}  # cancel keys of clients that moved
+        self._balanced_at: dict[int, float] = {}  # pool index -> when clients last moved
         self._stopped = asyncio.Event()
         self._listeners: list[asyncio.AbstractServer] = []
 
@@ -118,6 +132,7 @@ class Acceptor:
         transport.pause_reading()
         packet = bytes(intake.buf)
         worker = self._choose(packet)
+        message = bytes((channel.NEW_CLIENT,)) + packet
         if worker is None:
             transport.write(m.error_response(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
                                              "FATAL"))
@@ -132,7 +147,7 @@ class Acceptor:
             transport.close()
             return
         transport.close()  # the worker's copy keeps the connection open
-        self._send(worker, packet, own)
+        self._send(worker, message, own)
 
     def _choose(self, packet: bytes) -> Worker | None:
         """The worker for this first packet; None when max_client_conn is reached."""
@@ -140,7 +155,9 @@ class Acceptor:
         if len(packet) >= 8:
             code = _unpack_i32(packet, 4)[0]
             if code == codes.CANCEL_REQUEST_CODE and len(packet) == 16:
-                return self.workers[_unpack_i32(packet, 8)[0] % len(self.workers)]
+                pid, key = struct.unpack_from("!ii", packet, 8)
+                moved = self._moved_keys.get((pid, key))
+                return moved if moved is not None else self.workers[pid % len(self.workers)]
             if code >> 16 == 3:
                 if sum(w.clients for w in self.workers) >= self.config.general.max_client_conn:
                     return None
@@ -152,22 +169,22 @@ class Acceptor:
                 candidates = self._capable.get((params.get("database") or user, user)) or self.workers
         return min(candidates, key=lambda w: w.clients)
 
-    def _send(self, worker: Worker, packet: bytes, sock: socket.socket) -> None:
+    def _send(self, worker: Worker, message: bytes, sock: socket.socket) -> None:
         worker.clients += 1
         if worker.backlog:
-            worker.backlog.append((packet, sock))
+            worker.backlog.append((message, sock))
             return
-        if not self._try_send(worker, packet, sock):
-            worker.backlog.append((packet, sock))
+        if not self._try_send(worker, message, sock):
+            worker.backlog.append((message, sock))
             assert worker.channel is not None
             asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
 
-    def _try_send(self, worker: Worker, packet: bytes, sock: socket.socket) -> bool:
+    def _try_send(self, worker: Worker, message: bytes, sock: socket.socket) -> bool:
         """False when the channel is full (try again when writable); else the socket is handed over."""
         try:
             if worker.channel is None:
                 raise OSError("worker not running")
-            socket.send_fds(worker.channel, [packet], [sock.fileno()])
+            channel.send(worker.channel, message, sock.fileno())
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
@@ -185,19 +202,98 @@ class Acceptor:
         if worker.channel is not None:
             asyncio.get_running_loop().remove_writer(worker.channel.fileno())
 
-    def _notes(self, worker: Worker) -> None:
-        """Bytes from a worker: one per client of ours that has gone."""
+    def _receive(self, worker: Worker) -> None:
+        """Messages from a worker: clients gone, load reports, clients it passes on."""
         assert worker.channel is not None
-        try:
-            data = worker.channel.recv(HANDOFF_MAX)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the worker is gone; the tick restarts it
-            asyncio.get_running_loop().remove_reader(worker.channel.fileno())
-            return
-        worker.clients = max(0, worker.clients - len(data))
+        while True:
+            try:
+                data, fd = channel.receive(worker.channel)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fd = b"", None
+            if not data:  # the worker is gone; the tick restarts it
+                asyncio.get_running_loop().remove_reader(worker.channel.fileno())
+                return
+            kind = data[0]
+            if kind == channel.CLIENTS_GONE:
+                worker.clients = max(0, worker.clients - len(data))
+            elif kind == channel.LOAD:
+                worker.loads = {load[0]: load[1:] for load in channel.unpack(data)}
+                worker.loads_at = time.monotonic()
+            elif kind == channel.KEY_GONE:
+                pid, key = channel.unpack(data)
+                if self._moved_keys.get((pid, key)) is worker:
+                    del self._moved_keys[(pid, key)]
+            elif kind == channel.MOVED_CLIENT and fd is not None:
+                self._pass_on(worker, data, socket.socket(fileno=fd))
+            elif fd is not None:
+                os.close(fd)
+
+    def _pass_on(self, source: Worker, message: bytes, sock: socket.socket) -> None:
+        state = channel.unpack(message)
+        to = self.workers[state["to"]]
+        source.clients = max(0, source.clients - 1)
+        pid, key = state["cancel_key"]
+        if pid % len(self.workers) == to.index:
+            self._moved_keys.pop((pid, key), None)
+        else:
+            self._moved_keys[(pid, key)] = to
+        self._send(to, message, sock)
+
+    # --- balancing waiting clients between workers ---
+
+    def _balance(self) -> None:
+        """Move waiting clients of a pool from the worker where they wait longest to one with free
+        servers, or with much shorter waits. Pool shares are fixed, so this is how a client never
+        waits in one worker while another has a server for it."""
+        now = time.monotonic()
+        fresh = [w for w in self.workers if w.channel is not None and now - w.loads_at < STALE_LOAD]
+        waiting = {i for w in fresh for i, load in w.loads.items() if load[1]}
+        for index in waiting:
+            if now - self._balanced_at.get(index, 0.0) < BALANCE_PAUSE:
+                continue
+            shares = self._shares[index]
+            # workers without a report for the pool have no clients of it: all their servers are free
+            loads = {w: w.loads.get(index, (0, 0, 0.0, shares[w.index])) for w in self.workers
+                     if shares[w.index] > 0 and w.channel is not None}
+            source = max(loads, key=lambda w: loads[w][2])
+            clients, waiters, oldest, _free = loads[source]
+            if not waiters or source not in fresh:
+                continue
+            count, target = self._plan(source, loads)
+            if target is not None and count > 0:
+                self._balanced_at[index] = now
+                assert source.channel is not None
+                log.debug("pool %d: moving %d waiting clients from worker %d (oldest waited %.1f ms) "
+                          "to worker %d", index, count, source.index, oldest * 1000, target.index)
+                try:
+                    channel.send(source.channel, channel.pack(channel.MOVE_CLIENTS,
+                                                              (index, count, target.index)))
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _plan(source: Worker, loads: dict[Worker, tuple[int, int, float, int]]) -> tuple[int, Worker | None]:
+        clients, waiters, oldest, _free = loads[source]
+        others = [w for w in loads if w is not source]
+        if not others:
+            return 0, None
+        # Free servers elsewhere, and nobody waiting there: move as many as they can take at once.
+        free = [w for w in others if loads[w][3] > 0 and loads[w][1] == 0]
+        if free and oldest > FREE_SERVER_WAIT:
+            target = max(free, key=lambda w: loads[w][3])
+            return min(waiters, loads[target][3]), target
+        # Everyone busy: wait ≈ clients / rate per worker; move clients towards equal waits, halfway
+        # (the rates change as the load moves), and at most a tenth at a time.
+        target = min(others, key=lambda w: loads[w][2])
+        t_clients, _t_waiters, t_oldest, _t_free = loads[target]
+        if oldest < IMBALANCE * t_oldest + IMBALANCE_SLACK:
+            return 0, None
+        rate = clients / oldest
+        t_rate = max(t_clients, 1) / max(t_oldest, 0.001)
+        want = (clients + t_clients) * rate / (rate + t_rate)
+        return int(min(waiters, (clients - want) / 2, clients / 10)), target
 
     # --- workers ---
 
@@ -212,7 +308,7 @@ class Acceptor:
         ours.setblocking(False)
         worker.channel = ours
         worker.started = time.monotonic()
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._notes, worker)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._receive, worker)
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
 
     def _reap(self, worker: Worker) -> None:
@@ -230,6 +326,7 @@ class Acceptor:
             sock.close()
         worker.backlog.clear()
         worker.clients = 0
+        worker.loads = {}
         worker.proc = None
         young = time.monotonic() - worker.started < RESTART_BACKOFF
         worker.restart_at = time.monotonic() + (RESTART_BACKOFF if young else 0.0)
@@ -246,6 +343,10 @@ class Acceptor:
                     except OSError as exc:
                         log.error("cannot start worker %d: %s", worker.index, exc)
                         worker.restart_at = time.monotonic() + RESTART_BACKOFF
+            try:
+                self._balance()
+            except Exception:  # supervision must never die
+                log.exception("balancing failed")
 
     # --- life cycle ---
 

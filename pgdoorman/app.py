@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 
-from pgdoorman import ids
+from pgdoorman import channel, ids
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import Config, pool_keys, pool_share
-from pgdoorman.listen import CLOSED_NOTE, HANDOFF_MAX, listen
+from pgdoorman.listen import listen
 from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
 
@@ -39,6 +42,10 @@ class App:
                 pool_cfg, user_cfg, config.general,
                 pool_size=pool_share(user_cfg.pool_size, index, worker, workers),
                 min_pool_size=pool_share(user_cfg.min_pool_size, index, worker, workers))
+        self._pool_list = list(self.pools.values())  # by pool index, as the acceptor numbers them
+        self._worker = worker
+        self._workers = workers
+        self._reported_load = False
         self._channel: socket.socket | None = None
         self._closed_unreported = 0  # client closes the acceptor has not been told of yet
         self._adopting: set[asyncio.Task[None]] = set()
@@ -60,6 +67,15 @@ class App:
             if self._channel is not None:
                 self._closed_unreported += 1
                 self._report_closed()
+                if client.cancel_key[0] % self._workers != self._worker:  # it had moved here
+                    try:
+                        channel.send(self._channel, channel.pack(channel.KEY_GONE, client.cancel_key))
+                    except OSError:
+                        pass  # the acceptor keeps a stale route for a key nobody uses
+
+    def client_moved_out(self, client: ClientConn) -> None:
+        """Passed on to another worker: no longer ours, but not gone (the acceptor counts it there)."""
+        self.clients.discard(client)
 
     def over_client_limit(self) -> bool:
         return len(self.clients) > self.config.general.max_client_conn
@@ -73,7 +89,7 @@ class App:
         else:
             self._channel = socket.socket(fileno=channel_fd)
             self._channel.setblocking(False)
-            loop.add_reader(channel_fd, self._receive_clients)
+            loop.add_reader(channel_fd, self._receive)
         for pool in self.pools.values():
             pool.maintain()  # opens min_pool_size servers
         self._tick = loop.create_task(self._housekeeping())
@@ -85,52 +101,98 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
 
-    # --- worker side of the hand-over from the acceptor (see pgdoorman/acceptor.py) ---
+    # --- worker side of the channel to the acceptor (see pgdoorman/acceptor.py, channel.py) ---
 
-    def _receive_clients(self) -> None:
+    def _receive(self) -> None:
         assert self._channel is not None
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._channel, HANDOFF_MAX, 1)
+                data, fd = channel.receive(self._channel)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                data, fds = b"", []
-                log.error("hand-over channel failed: %s", exc)
-            if not data and not fds:
+                data, fd = b"", None
+                log.error("acceptor channel failed: %s", exc)
+            if not data:
                 log.warning("the acceptor process is gone: stopping")
                 loop.remove_reader(self._channel.fileno())
                 self._stopped.set()
                 return
-            if not fds:
-                continue
-            sock = socket.socket(fileno=fds[0])
-            task = loop.create_task(self._adopt(sock, data))
-            self._adopting.add(task)
-            task.add_done_callback(self._adopting.discard)
+            kind = data[0]
+            if kind == channel.MOVE_CLIENTS:
+                pool_index, count, to = channel.unpack(data)
+                self._move_clients(pool_index, count, to)
+            elif fd is not None:
+                sock = socket.socket(fileno=fd)
+                if kind == channel.MOVED_CLIENT:
+                    self._adopt(sock, partial(ClientConn, self, moved=channel.unpack(data)))
+                else:
+                    self._adopt(sock, partial(ClientConn, self, data[1:]))
 
-    async def _adopt(self, sock: socket.socket, initial: bytes) -> None:
+    def _adopt(self, sock: socket.socket, factory: Callable[[], ClientConn]) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect_socket(sock, factory))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _connect_socket(self, sock: socket.socket, factory: Callable[[], ClientConn]) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: ClientConn(self, initial), sock)
+            await asyncio.get_running_loop().connect_accepted_socket(factory, sock)
         except OSError as exc:  # the client went away during the hand-over
             log.info("client hand-over failed: %s", exc)
             sock.close()
             self._closed_unreported += 1
             self._report_closed()
 
+    def _move_clients(self, pool_index: int, count: int, to: int) -> None:
+        """Pass up to `count` of this pool's most recent waiters to worker `to`, which has servers
+        free or shorter waits (the acceptor decides from our LOAD reports)."""
+        assert self._channel is not None
+        pool = self._pool_list[pool_index]
+        moving = [c for c in reversed(pool.waiters) if isinstance(c, ClientConn) and c.movable()][:count]
+        moved = 0
+        for client in moving:
+            fd, state = client.detach()
+            state["to"] = to
+            try:
+                channel.send(self._channel, channel.pack(channel.MOVED_CLIENT, state), fd)
+            except OSError as exc:  # channel full or gone: the client stays here after all
+                log.info("%s: not moved to worker %d: %s", client.id, to, exc)
+                self._adopt(socket.socket(fileno=fd), partial(ClientConn, self, moved=state))
+                continue
+            os.close(fd)
+            moved += 1
+            log.debug("%s: %s moved to worker %d", client.id, client.peer, to)
+        if moved:
+            log.info("%s: %d waiting client%s moved to worker %d", pool.name, moved,
+                     "s" if moved > 1 else "", to)
+
+    def _report_load(self) -> None:
+        """Each tick, while any pool has clients (and once after), tell the acceptor how they wait."""
+        if self._channel is None:
+            return
+        now = time.monotonic()
+        loads = [(i, *pool.load(now)) for i, pool in enumerate(self._pool_list) if pool.clients]
+        if loads or self._reported_load:
+            try:
+                channel.send(self._channel, channel.pack(channel.LOAD, loads))
+            except OSError:
+                return
+        self._reported_load = bool(loads)
+
     def _report_closed(self) -> None:
         """Tell the acceptor how many of its clients have gone (it balances and counts by that)."""
         if not self._closed_unreported or self._channel is None:
             return
+        count = min(self._closed_unreported, channel.MAX_MESSAGE)
         try:
-            self._channel.send(CLOSED_NOTE * min(self._closed_unreported, HANDOFF_MAX))
+            channel.send(self._channel, bytes((channel.CLIENTS_GONE,)) * count)
         except (BlockingIOError, InterruptedError):
             return  # retried on the next close or housekeeping tick
         except OSError:
             self._closed_unreported = 0
             return
-        self._closed_unreported -= min(self._closed_unreported, HANDOFF_MAX)
+        self._closed_unreported -= count
 
     async def run_until_stopped(self) -> None:
         await self._stopped.wait()
@@ -156,6 +218,7 @@ class App:
                     pool.maintain()
                 self._expire_clients()
                 self._report_closed()
+                self._report_load()
             except Exception:  # housekeeping must never die
                 log.exception("housekeeping failed")
 

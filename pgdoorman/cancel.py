@@ -33,6 +33,10 @@ class CancelRegistry:
                 self._clients[key] = client
                 return key
 
+    def adopt(self, client: ClientConn) -> None:
+        """A client moved here from another worker keeps the key it was given there."""
+        self._clients[client.cancel_key] = client
+
     def unregister(self, client: ClientConn) -> None:
         if self._clients.get(client.cancel_key) is client:
             del self._clients[client.cancel_key]

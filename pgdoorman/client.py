@@ -7,7 +7,7 @@ import logging
 import os
 import struct
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
@@ -50,13 +50,14 @@ class ClientConn(asyncio.Protocol):
         "_auth_kind", "_buf", "_held", "_max_message", "_partial", "_paused", "_reset_always",
         "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_timer",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
-        "mode", "params", "peer", "pool", "seen_activity", "server", "state", "stmts", "tracked",
+        "_moved", "mode", "params", "peer", "pool", "seen_activity", "server", "state", "stmts", "tracked",
         "transport", "wait_since", "waiting",
     )
 
-    def __init__(self, app: App, initial: bytes = b"") -> None:
-        """initial: what the acceptor process already read from the socket (its startup packet)."""
-        self.id = ids.client_id()
+    def __init__(self, app: App, initial: bytes = b"", moved: dict[str, Any] | None = None) -> None:
+        """initial: what the acceptor process already read from the socket (its startup packet);
+        moved: the state of a logged-in client another worker passed on (see detach())."""
+        self.id = ids.client_id() if moved is None else moved["id"]
         self.app = app
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.state = STARTUP
@@ -91,11 +92,15 @@ class ClientConn(asyncio.Protocol):
         self._salt = b""
         self._scram: ScramServer | None = None
         self._startup: dict[str, str] = {}
+        self._moved = moved
 
     # --- connection events ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._moved is not None:
+            self._arrive(self._moved)
+            return
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.app.client_connected(self)
@@ -206,11 +211,15 @@ class ClientConn(asyncio.Protocol):
         if pool is None:
             self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
             return
+        self._join(pool)
+        self._begin_auth(parse_secret(pool.user_cfg.password, user))
+
+    def _join(self, pool: Pool) -> None:
         self.pool = pool
+        pool.clients += 1
         self.mode = pool.mode
         self._rewrite = pool.mode != SESSION and pool.prepared_enabled
         self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
-        self._begin_auth(parse_secret(pool.user_cfg.password, user))
 
     def _begin_auth(self, secret: StoredSecret) -> None:
         self._secret = secret
@@ -296,7 +305,7 @@ class ClientConn(asyncio.Protocol):
 
     # --- getting a server ---
 
-    def _need_server(self) -> None:
+    def _need_server(self, waiting_since: float = 0.0) -> None:
         assert self.pool is not None and self._held is not None
         first = self._held[0]
         if first == 88:  # Terminate
@@ -306,7 +315,7 @@ class ClientConn(asyncio.Protocol):
         if first == 80 and len(held) > 5 and held[5] != 0 and self._rewrite and self._prepare_locally(held):
             self._held = None
             return
-        server = self.pool.acquire(self)
+        server = self.pool.acquire(self, waiting_since)
         if server is not None:
             self.assign(server)
         # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
@@ -608,6 +617,7 @@ class ClientConn(asyncio.Protocol):
         self.app.cancels.unregister(self)
         self.app.client_disconnected(self)
         if self.pool is not None:
+            self.pool.clients -= 1
             self.pool.cancel_wait(self)
             self._return_server()
         if was_active and not self.app.config.general.log_client_disconnections:
@@ -655,6 +665,57 @@ class ClientConn(asyncio.Protocol):
         for sql in queries:
             server.send_hidden(sql)
         asyncio.get_running_loop().call_later(RESET_TIMEOUT, _close_if_stuck, server)
+
+    # --- moving to another worker (the acceptor balances waiting clients between workers) ---
+
+    def movable(self) -> bool:
+        """Waiting for a server between transactions, with nothing half-read or half-written."""
+        return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
+                and self._held is not None and not self._partial and not self._skip and not self._paused
+                and not self.transport.get_write_buffer_size())
+
+    def detach(self) -> tuple[int, dict[str, Any]]:
+        """Leave this worker with the connection open: (a duplicate of the socket's fd, the state
+        another worker's ClientConn(moved=state) continues from). The request it was waiting to send
+        goes along; the new worker queues it again."""
+        pool = self.pool
+        assert pool is not None and self._held is not None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        state = {
+            "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
+            "params": self.params, "cancel_key": self.cancel_key, "connected_at": self.connected_at,
+            "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
+            "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
+        }
+        pool.cancel_wait(self)
+        pool.clients -= 1
+        self.state = CLOSED  # connection_lost after the close below is then a no-op
+        self.app.cancels.unregister(self)
+        self.app.client_moved_out(self)
+        self.transport.close()  # only our fd: nothing is pending in either direction
+        return fd, state
+
+    def _arrive(self, state: dict[str, Any]) -> None:
+        """The other half of detach(), on the new worker."""
+        self._moved = None
+        pool = self.app.pool_for(state["database"], state["user"])
+        if pool is None:  # cannot happen with one config; never leave the client hanging
+            self.fatal(codes.INTERNAL_ERROR, "pool not found after moving to another worker")
+            return
+        self.peer = state["peer"]
+        self.connected_at = state["connected_at"]
+        self.last_active = time.monotonic()
+        self._join(pool)
+        self.params = state["params"]
+        self.tracked = tracked_values(self.params)
+        self.stmts = {name: pool.registry.get(key) for name, key in state["stmts"]}
+        pid, key = state["cancel_key"]
+        self.cancel_key = (pid, key)
+        self.app.cancels.adopt(self)
+        self.state = ACTIVE
+        self.app.client_connected(self)
+        self._held = state["held"]
+        self._need_server(state["wait_since"])
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

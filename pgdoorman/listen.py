@@ -1,5 +1,4 @@
-"""The client-facing listeners (TCP addresses and a unix socket), for the pooler or the acceptor,
-and the hand-over channel's message format between the acceptor and its workers."""
+"""The client-facing listeners (TCP addresses and a unix socket), for the pooler or the acceptor."""
 
 from __future__ import annotations
 
@@ -12,9 +11,6 @@ from collections.abc import Callable
 from pgdoorman.config import GeneralConfig
 
 log = logging.getLogger("pgdoorman")
-
-HANDOFF_MAX = 65536  # largest hand-over message: a startup packet is at most 10,000 bytes
-CLOSED_NOTE = b"x"  # worker -> acceptor: one byte per handed-over client that has gone
 
 
 async def listen(g: GeneralConfig, factory: Callable[[], asyncio.Protocol]) -> list[asyncio.AbstractServer]:

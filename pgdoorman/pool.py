@@ -60,6 +60,7 @@ class Pool:
         self.idle: list[ServerConn] = []
         self.waiters: deque[Waiter] = deque()
         self.servers: set[ServerConn] = set()
+        self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
         self.connecting = 0
         self.server_params: dict[str, str] | None = None
         self._retry_at = 0.0
@@ -67,19 +68,40 @@ class Pool:
 
     # --- lending ---
 
-    def acquire(self, client: Waiter) -> ServerConn | None:
-        """An idle server now, or None with the client queued (it gets assign() or wait_failed())."""
+    def acquire(self, client: Waiter, since: float = 0.0) -> ServerConn | None:
+        """An idle server now, or None with the client queued (it gets assign() or wait_failed()).
+
+        since: when a client moved from another worker started waiting there; it is queued as if it
+        had been waiting here since then (clients must not pay for a move with a second wait)."""
         idle = self.idle
         while idle:
             server = idle.pop()
             if not server.closed:
                 return server
         client.waiting = True
-        client.wait_since = time.monotonic()
-        self.waiters.append(client)
+        waiters = self.waiters
+        if since:
+            client.wait_since = since
+            at = len(waiters)
+            while at and waiters[at - 1].wait_since > since:
+                at -= 1
+            waiters.insert(at, client)
+        else:
+            client.wait_since = time.monotonic()
+            waiters.append(client)
         if len(self.servers) + self.connecting < self.pool_size:
             self._grow()
         return None
+
+    def load(self, now: float) -> tuple[int, int, float, int]:
+        """(clients, waiters, seconds the oldest waiter has waited, servers it could lend at once)."""
+        oldest = 0.0
+        for client in self.waiters:
+            if client.waiting:
+                oldest = now - client.wait_since
+                break
+        free = len(self.idle) + max(0, self.pool_size - len(self.servers) - self.connecting)
+        return self.clients, len(self.waiters), oldest, free
 
     def cancel_wait(self, client: Waiter) -> None:
         if client.waiting:

@@ -183,3 +183,70 @@ def test_workers_exit_when_the_acceptor_is_killed(start_pooler):
     pooler.proc.wait(timeout=5)
     assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=15), "orphaned workers"
     assert "the acceptor process is gone: stopping" in pooler.log()
+
+
+def test_a_waiting_client_moves_to_a_worker_with_a_free_server(pg, start_pooler):
+    """pool_size 2 over 2 workers is one server each. While X holds its worker's server in a
+    transaction, Y (same worker) would wait for it; instead it moves to the other worker's free
+    server, keeping its session: parameters, prepared statements and cancel key."""
+    app = "workers-move"
+    pooler = _start(start_pooler, 2, app, query_wait_timeout="20s")
+    x = pconnect(pooler, autocommit=False)
+    others = [pconnect(pooler) for _ in range(3)]
+    try:
+        same = [c for c in others if c.info.backend_pid % 2 == x.info.backend_pid % 2]
+        y = same[0]
+        y.execute("SET application_name = 'mover'")  # a tracked parameter travels with the client
+        y.execute("SELECT %s::int + 1", (1,), prepare=True)  # a prepared statement too
+        for c in others:
+            if c is not y:
+                c.close()
+        x.execute("SELECT 1")  # X's transaction holds its worker's only server
+        assert y.execute("SELECT pg_sleep(0.5), 2").fetchone()[1] == 2  # served by the other worker
+        assert "tx/trust_user: 1 waiting client moved to worker" in pooler.log()
+        assert y.execute("SHOW application_name").fetchone() == ("mover",)
+        assert y.execute("SELECT %s::int + 1", (41,), prepare=True).fetchone() == (42,)
+        x.rollback()
+        # The cancel key it got from its first worker still cancels its query on the second.
+        x.execute("SELECT 1")  # hold X's server again, so Y stays where it is
+        sleep = "SELECT pg_sleep(30) /* moved cancel */"
+        box: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                y.execute(sleep)
+            except BaseException as e:  # noqa: BLE001
+                box["error"] = e
+
+        t = threading.Thread(target=run)
+        t.start()
+        wait_for_active_query(pg, sleep)
+        y.cancel_safe(timeout=10)
+        t.join(10)
+        assert isinstance(box.get("error"), pgerr.QueryCanceled), box
+        x.rollback()
+        assert _servers(pg, app) + _servers(pg, "mover") == 2  # one server per worker, no more
+    finally:
+        x.close()
+        for c in others:
+            c.close()
+
+
+def test_balancing_plan():
+    """The acceptor's decision from LOAD reports: (clients, waiters, oldest wait s, free servers)."""
+    from pgdoorman.acceptor import Acceptor, Worker
+
+    a, b = Worker(0), Worker(1)
+    plan = Acceptor._plan
+    # Free servers elsewhere: move as many waiters as they can take.
+    assert plan(a, {a: (10, 6, 0.5, 0), b: (0, 0, 0.0, 4)}) == (4, b)
+    assert plan(a, {a: (10, 2, 0.5, 0), b: (0, 0, 0.0, 4)}) == (2, b)
+    # ... but not for a wait shorter than FREE_SERVER_WAIT, and not to a worker whose clients wait.
+    assert plan(a, {a: (10, 6, 0.001, 0), b: (0, 0, 0.0, 4)}) == (0, None)
+    # Both busy, waits 20 ms vs 10 ms with 250 clients each: rates 12.5k/s and 25k/s, so 1/3 of the
+    # clients belong on a; move half the way (41), capped at a tenth of a's clients (25).
+    assert plan(a, {a: (250, 240, 0.020, 0), b: (250, 240, 0.010, 0)}) == (25, b)
+    assert plan(a, {a: (100, 90, 0.020, 0), b: (300, 290, 0.010, 0)}) == (10, b)
+    # Waits within 25 % (+2 ms) of each other: leave them.
+    assert plan(a, {a: (250, 240, 0.012, 0), b: (250, 240, 0.010, 0)}) == (0, None)
+    assert plan(a, {a: (250, 240, 0.012, 0)}) == (0, None)
