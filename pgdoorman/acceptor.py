@@ -1,14 +1,15 @@
-"""Several worker processes: the acceptor listens, reads each client's first packet, and passes the
-socket (with the bytes read) to a worker over a unix socket (SCM_RIGHTS).
+"""Several worker processes: the acceptor accepts connections and passes each socket to the worker
+with the fewest clients, over a unix socket (SCM_RIGHTS); the worker does everything else.
 
-Why read the startup packet here: each worker has its own share of every pool's server limit
-(`config.pool_share`), so a client must go to a worker that has servers for its (database, user);
-among those, the one with the fewest clients. A CancelRequest goes to the worker that issued the
-key (its pid part is ≡ worker mod workers). Everything else (bad packets, unknown databases) goes to
-the least-loaded worker, which answers it exactly as a single-process pooler would.
+Accepting costs the acceptor one accept(), one sendmsg() and one close() per connection: it reads
+nothing. A worker that finds a client is not its own sends it back with what it read, to be routed
+by that (a "reroute"): a client of a pool the worker has no share of (`config.pool_share`: a pool
+smaller than the number of workers), or a CancelRequest for a key another worker issued (its pid
+part is ≡ worker mod workers, or it moved: see _moved_keys).
 
-The acceptor also enforces max_client_conn over all workers, restarts a worker that dies, and on
-SIGTERM/SIGINT stops the workers and waits for them.
+The acceptor also enforces max_client_conn over all workers, moves waiting clients between workers
+when one has free servers or much shorter waits (from their LOAD reports), restarts a worker that
+dies, and on SIGTERM/SIGINT stops the workers and waits for them.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from dataclasses import dataclass, field
 
 from pgdoorman import channel
 from pgdoorman.config import Config, pool_keys, pool_share
-from pgdoorman.listen import listen
+from pgdoorman.listen import listening_sockets
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
 log = logging.getLogger("pgdoorman")
 _unpack_i32 = struct.Struct("!i").unpack_from
 TICK = 0.25
+ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 RESTART_BACKOFF = 2.0  # a worker that died younger than this is restarted only after it
 STOP_GRACE = 10.0  # seconds the workers get to close their clients before SIGKILL
 # Balancing waiting clients between workers (seconds; see Acceptor._balance)
@@ -58,52 +60,6 @@ class Worker:
     loads_at: float = 0.0
 
 
-class Intake(asyncio.Protocol):
-    """A new client until its first real packet is read (SSLRequest/GSSENCRequest answered "N")."""
-
-    __slots__ = ("acceptor", "buf", "timer", "transport")
-
-    def __init__(self, acceptor: Acceptor) -> None:
-        self.acceptor = acceptor
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        timeout = self.acceptor.config.general.client_login_timeout
-        if timeout:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self.close)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        while len(buf) >= 4:
-            length = _unpack_i32(buf, 0)[0]
-            if length < 8 or length > codes.MAX_STARTUP_PACKET:
-                break  # the worker sends the error
-            if len(buf) < length:
-                return
-            code = _unpack_i32(buf, 4)[0]
-            if length == 8 and code in (codes.SSL_REQUEST_CODE, codes.GSSENC_REQUEST_CODE):
-                del buf[:8]
-                assert self.transport is not None
-                self.transport.write(b"N")  # as the worker would: TLS/GSS come later
-                continue
-            break
-        else:
-            return
-        self.acceptor.route(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
 class Acceptor:
     def __init__(self, config: Config, workers: int, worker_argv: list[str]) -> None:
         self.config = config
@@ -120,54 +76,50 @@ class Acceptor:
         self._moved_keys: dict[tuple[int, int], Worker] = {}  # cancel keys of clients that moved
         self._balanced_at: dict[int, float] = {}  # pool index -> when clients last moved
         self._stopped = asyncio.Event()
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[socket.socket] = []
 
     # --- routing ---
 
-    def route(self, intake: Intake) -> None:
-        transport = intake.transport
-        assert transport is not None
-        if intake.timer is not None:
-            intake.timer.cancel()
-        transport.pause_reading()
-        packet = bytes(intake.buf)
-        worker = self._choose(packet)
-        message = bytes((channel.NEW_CLIENT,)) + packet
-        if worker is None:
-            transport.write(m.error_response(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
-                                             "FATAL"))
-            transport.close()
-            log.warning("client refused: max_client_conn (%d) reached", self.config.general.max_client_conn)
-            return
-        sock = transport.get_extra_info("socket")
-        try:
-            own = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError as exc:
-            log.warning("client hand-over failed: %s", exc)
-            transport.close()
-            return
-        transport.close()  # the worker's copy keeps the connection open
-        self._send(worker, message, own)
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the client waits in the backlog
+                log.error("accept failed: %s", exc)
+                return
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sum(w.clients for w in self.workers) >= self.config.general.max_client_conn:
+                self._refuse(sock)
+                continue
+            worker = min(self.workers, key=lambda w: w.clients)
+            self._send(worker, bytes((channel.NEW_CLIENT,)), sock)
 
-    def _choose(self, packet: bytes) -> Worker | None:
-        """The worker for this first packet; None when max_client_conn is reached."""
-        candidates = self.workers
-        if len(packet) >= 8:
-            code = _unpack_i32(packet, 4)[0]
-            if code == codes.CANCEL_REQUEST_CODE and len(packet) == 16:
-                pid, key = struct.unpack_from("!ii", packet, 8)
-                moved = self._moved_keys.get((pid, key))
-                return moved if moved is not None else self.workers[pid % len(self.workers)]
-            if code >> 16 == 3:
-                if sum(w.clients for w in self.workers) >= self.config.general.max_client_conn:
-                    return None
-                try:
-                    params = m.parse_startup_params(packet[8:])
-                except m.ProtocolError:
-                    params = {}
-                user = params.get("user", "")
-                candidates = self._capable.get((params.get("database") or user, user)) or self.workers
-        return min(candidates, key=lambda w: w.clients)
+    def _refuse(self, sock: socket.socket) -> None:
+        log.warning("client refused: max_client_conn (%d) reached", self.config.general.max_client_conn)
+        try:
+            sock.setblocking(False)
+            sock.send(m.error_response(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already",
+                                       "FATAL"))
+        except OSError:
+            pass
+        sock.close()
+
+    def _reroute(self, source: Worker, message: bytes, sock: socket.socket) -> None:
+        """A worker passes back a client that belongs elsewhere, with the bytes it read."""
+        source.clients = max(0, source.clients - 1)
+        initial, database, user, cancel_key = channel.unpack(message)
+        target: Worker | None = None
+        if cancel_key is not None:
+            pid, key = cancel_key
+            target = self._moved_keys.get((pid, key)) or self.workers[pid % len(self.workers)]
+        else:
+            capable = self._capable.get((database, user))
+            if capable:
+                target = min(capable, key=lambda w: w.clients)
+        self._send(target or source, bytes((channel.FINAL_CLIENT,)) + initial, sock)
 
     def _send(self, worker: Worker, message: bytes, sock: socket.socket) -> None:
         worker.clients += 1
@@ -227,6 +179,8 @@ class Acceptor:
                     del self._moved_keys[(pid, key)]
             elif kind == channel.MOVED_CLIENT and fd is not None:
                 self._pass_on(worker, data, socket.socket(fileno=fd))
+            elif kind == channel.REROUTE and fd is not None:
+                self._reroute(worker, data, socket.socket(fileno=fd))
             elif fd is not None:
                 os.close(fd)
 
@@ -352,7 +306,9 @@ class Acceptor:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self._listeners = await listen(self.config.general, lambda: Intake(self))
+        self._listeners = listening_sockets(self.config.general)
+        for listener in self._listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener)
         for worker in self.workers:
             self._spawn(worker)
         supervisor = loop.create_task(self._supervise())
@@ -362,6 +318,7 @@ class Acceptor:
         log.info("shutting down: pooler shutting down")
         supervisor.cancel()
         for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
             listener.close()
         await self._stop_workers()
 

@@ -16,7 +16,7 @@ from pgdoorman import channel, ids
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import Config, pool_keys, pool_share
-from pgdoorman.listen import listen
+from pgdoorman.listen import listening_sockets, serve_on
 from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
 
@@ -85,7 +85,8 @@ class App:
     async def start(self, channel_fd: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         if channel_fd is None:
-            self._listeners = await listen(self.config.general, lambda: ClientConn(self))
+            socks = listening_sockets(self.config.general)
+            self._listeners = await serve_on(socks, lambda: ClientConn(self))
         else:
             self._channel = socket.socket(fileno=channel_fd)
             self._channel.setblocking(False)
@@ -128,7 +129,7 @@ class App:
                 if kind == channel.MOVED_CLIENT:
                     self._adopt(sock, partial(ClientConn, self, moved=channel.unpack(data)))
                 else:
-                    self._adopt(sock, partial(ClientConn, self, data[1:]))
+                    self._adopt(sock, partial(ClientConn, self, data[1:], final=kind == channel.FINAL_CLIENT))
 
     def _adopt(self, sock: socket.socket, factory: Callable[[], ClientConn]) -> None:
         task = asyncio.get_running_loop().create_task(self._connect_socket(sock, factory))
@@ -143,6 +144,22 @@ class App:
             sock.close()
             self._closed_unreported += 1
             self._report_closed()
+
+    def reroute(self, client: ClientConn, initial: bytes, database: str, user: str,
+                cancel_key: tuple[int, int] | None) -> bool:
+        """Give a client that belongs to another worker back to the acceptor (see acceptor.py)."""
+        if self._channel is None:
+            return False
+        fd = client.detach_socket()
+        try:
+            message = channel.pack(channel.REROUTE, (initial, database, user, cancel_key))
+            channel.send(self._channel, message, fd)
+        except OSError as exc:
+            log.info("%s: cannot reroute: %s", client.id, exc)
+            os.close(fd)
+            return True  # detached: it is gone either way
+        os.close(fd)
+        return True
 
     def _move_clients(self, pool_index: int, count: int, to: int) -> None:
         """Pass up to `count` of this pool's most recent waiters to worker `to`, which has servers

@@ -33,6 +33,9 @@ class CancelRegistry:
                 self._clients[key] = client
                 return key
 
+    def known(self, pid: int, key: int) -> bool:
+        return (pid, key) in self._clients
+
     def adopt(self, client: ClientConn) -> None:
         """A client moved here from another worker keeps the key it was given there."""
         self._clients[client.cancel_key] = client

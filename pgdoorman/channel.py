@@ -14,7 +14,8 @@ from typing import Any
 MAX_MESSAGE = 1 << 20
 
 # acceptor -> worker
-NEW_CLIENT = 0x43  # "C" + the bytes read so far (its first packet); fd: the client
+NEW_CLIENT = 0x43  # "C" + the bytes read so far (none when just accepted); fd: the client
+FINAL_CLIENT = 0x46  # "F": the same, rerouted: the worker must serve it, never reroute it again
 MOVE_CLIENTS = 0x4D  # "M" + (pool index, how many, to which worker): pass some waiting clients on
 # both ways: a logged-in client changing worker (to the acceptor with "to", then to that worker)
 MOVED_CLIENT = 0x41  # "A" + ClientConn.detach() state; fd: the client
@@ -22,6 +23,7 @@ MOVED_CLIENT = 0x41  # "A" + ClientConn.detach() state; fd: the client
 CLIENTS_GONE = 0x78  # "x" repeated once per client that has gone
 LOAD = 0x4C  # "L" + [(pool index, clients, waiters, oldest wait s, free servers), ...]
 KEY_GONE = 0x6B  # "k" + cancel key of a client that had moved here, now gone
+REROUTE = 0x52  # "R" + (bytes read, database, user, cancel key or None); fd: a client not ours
 
 
 def pack(kind: int, payload: Any = None) -> bytes:

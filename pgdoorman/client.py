@@ -50,13 +50,16 @@ class ClientConn(asyncio.Protocol):
         "_auth_kind", "_buf", "_held", "_max_message", "_partial", "_paused", "_reset_always",
         "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_timer",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
-        "_moved", "mode", "params", "peer", "pool", "seen_activity", "server", "state", "stmts", "tracked",
+        "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
+        "stmts", "tracked",
         "transport", "wait_since", "waiting",
     )
 
-    def __init__(self, app: App, initial: bytes = b"", moved: dict[str, Any] | None = None) -> None:
-        """initial: what the acceptor process already read from the socket (its startup packet);
-        moved: the state of a logged-in client another worker passed on (see detach())."""
+    def __init__(self, app: App, initial: bytes = b"", moved: dict[str, Any] | None = None,
+                 final: bool = False) -> None:
+        """initial: what another worker already read from the socket (rerouted to us);
+        moved: the state of a logged-in client another worker passed on (see detach());
+        final: a rerouted client: serve it here, whatever it is."""
         self.id = ids.client_id() if moved is None else moved["id"]
         self.app = app
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -93,6 +96,7 @@ class ClientConn(asyncio.Protocol):
         self._scram: ScramServer | None = None
         self._startup: dict[str, str] = {}
         self._moved = moved
+        self._rerouted = final
 
     # --- connection events ---
 
@@ -158,8 +162,9 @@ class ClientConn(asyncio.Protocol):
                 if len(buf) < length:
                     return
                 packet = bytes(buf[4:length])
+                raw = bytes(buf)
                 del buf[:length]
-                self._startup_packet(packet)
+                self._startup_packet(packet, raw)
             else:
                 if len(buf) < 5:
                     return
@@ -174,13 +179,18 @@ class ClientConn(asyncio.Protocol):
                     raise m.ProtocolError(f"expected password response, got message type {chr(kind)!r}")
                 self._auth_response(body)
 
-    def _startup_packet(self, packet: bytes) -> None:
+    def _startup_packet(self, packet: bytes, raw: bytes) -> None:
+        """packet: the startup packet after its length; raw: everything read so far, from its start
+        (what another worker needs to take this client over)."""
         code = _unpack_i32(packet, 0)[0]
         if code in (codes.SSL_REQUEST_CODE, codes.GSSENC_REQUEST_CODE) and len(packet) == 4:
             self.transport.write(b"N")  # TLS/GSS come later; libpq then continues in clear text
             return
         if code == codes.CANCEL_REQUEST_CODE and len(packet) == 12:
             pid, key = struct.unpack_from("!ii", packet, 4)
+            if not self._rerouted and not self.app.cancels.known(pid, key):
+                if self.app.reroute(self, raw, "", "", (pid, key)):
+                    return
             self.app.cancels.forward(pid, key)
             self._close_quietly()
             return
@@ -208,6 +218,10 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
             return
         pool = self.app.pool_for(database, user)
+        if pool is not None and pool.pool_size == 0 and not self._rerouted:
+            # This worker has no share of the pool's servers (pool_size < workers): another has.
+            if self.app.reroute(self, raw, database, user, None):
+                return
         if pool is None:
             self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
             return
@@ -674,13 +688,21 @@ class ClientConn(asyncio.Protocol):
                 and self._held is not None and not self._partial and not self._skip and not self._paused
                 and not self.transport.get_write_buffer_size())
 
+    def detach_socket(self) -> int:
+        """Stop being this worker's client without closing the connection: a duplicate of its fd."""
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        self.state = CLOSED  # connection_lost after the close below is then a no-op
+        self._cancel_timer()
+        self.app.client_moved_out(self)
+        self.transport.close()  # only our fd: nothing is pending in either direction
+        return fd
+
     def detach(self) -> tuple[int, dict[str, Any]]:
         """Leave this worker with the connection open: (a duplicate of the socket's fd, the state
         another worker's ClientConn(moved=state) continues from). The request it was waiting to send
         goes along; the new worker queues it again."""
         pool = self.pool
         assert pool is not None and self._held is not None
-        fd = os.dup(self.transport.get_extra_info("socket").fileno())
         state = {
             "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
             "params": self.params, "cancel_key": self.cancel_key, "connected_at": self.connected_at,
@@ -689,11 +711,8 @@ class ClientConn(asyncio.Protocol):
         }
         pool.cancel_wait(self)
         pool.clients -= 1
-        self.state = CLOSED  # connection_lost after the close below is then a no-op
         self.app.cancels.unregister(self)
-        self.app.client_moved_out(self)
-        self.transport.close()  # only our fd: nothing is pending in either direction
-        return fd, state
+        return self.detach_socket(), state
 
     def _arrive(self, state: dict[str, Any]) -> None:
         """The other half of detach(), on the new worker."""
