@@ -35,6 +35,8 @@ from pgdoorman.protocol import messages as m
 log = logging.getLogger("pgdoorman")
 _unpack_i32 = struct.Struct("!i").unpack_from
 TICK = 0.25
+# a LOAD report entry: clients, waiters, oldest wait s, free servers, mean wait s
+Load = tuple[int, int, float, int, float]
 ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 RESTART_BACKOFF = 2.0  # a worker that died younger than this is restarted only after it
 STOP_GRACE = 10.0  # seconds the workers get to close their clients before SIGKILL
@@ -55,8 +57,8 @@ class Worker:
     started: float = 0.0
     restart_at: float = 0.0
     backlog: deque[tuple[bytes, socket.socket]] = field(default_factory=deque)  # channel was full
-    # pool index -> (clients, waiters, oldest wait s, free servers), from its latest LOAD report
-    loads: dict[int, tuple[int, int, float, int]] = field(default_factory=dict)
+    # pool index -> (clients, waiters, oldest wait s, free servers, mean wait s), latest LOAD report
+    loads: dict[int, Load] = field(default_factory=dict)
     loads_at: float = 0.0
 
 
@@ -173,6 +175,8 @@ class Acceptor:
             elif kind == channel.LOAD:
                 worker.loads = {load[0]: load[1:] for load in channel.unpack(data)}
                 worker.loads_at = time.monotonic()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("worker %d load: %s", worker.index, worker.loads)
             elif kind == channel.KEY_GONE:
                 pid, key = channel.unpack(data)
                 if self._moved_keys.get((pid, key)) is worker:
@@ -209,45 +213,45 @@ class Acceptor:
                 continue
             shares = self._shares[index]
             # workers without a report for the pool have no clients of it: all their servers are free
-            loads = {w: w.loads.get(index, (0, 0, 0.0, shares[w.index])) for w in self.workers
+            loads = {w: w.loads.get(index, (0, 0, 0.0, shares[w.index], 0.0)) for w in self.workers
                      if shares[w.index] > 0 and w.channel is not None}
-            source = max(loads, key=lambda w: loads[w][2])
-            clients, waiters, oldest, _free = loads[source]
-            if not waiters or source not in fresh:
+            count, source, target = self._plan(loads)
+            if source is None or target is None or count <= 0 or source not in fresh:
                 continue
-            count, target = self._plan(source, loads)
-            if target is not None and count > 0:
-                self._balanced_at[index] = now
-                assert source.channel is not None
-                log.debug("pool %d: moving %d waiting clients from worker %d (oldest waited %.1f ms) "
-                          "to worker %d", index, count, source.index, oldest * 1000, target.index)
-                try:
-                    channel.send(source.channel, channel.pack(channel.MOVE_CLIENTS,
-                                                              (index, count, target.index)))
-                except OSError:
-                    pass
+            self._balanced_at[index] = now
+            assert source.channel is not None
+            log.debug("pool %d: moving %d waiting clients from worker %d (waits %.1f ms) to worker %d "
+                      "(%.1f ms)", index, count, source.index, loads[source][4] * 1000, target.index,
+                      loads[target][4] * 1000)
+            try:
+                channel.send(source.channel, channel.pack(channel.MOVE_CLIENTS, (index, count, target.index)))
+            except OSError:
+                pass
 
     @staticmethod
-    def _plan(source: Worker, loads: dict[Worker, tuple[int, int, float, int]]) -> tuple[int, Worker | None]:
-        clients, waiters, oldest, _free = loads[source]
-        others = [w for w in loads if w is not source]
-        if not others:
-            return 0, None
+    def _plan(loads: dict[Worker, Load]) -> tuple[int, Worker | None, Worker | None]:
+        """How many waiting clients of one pool to move, from which worker to which."""
+        waiting = [w for w in loads if loads[w][1]]
+        if not waiting or len(loads) < 2:
+            return 0, None, None
         # Free servers elsewhere, and nobody waiting there: move as many as they can take at once.
-        free = [w for w in others if loads[w][3] > 0 and loads[w][1] == 0]
-        if free and oldest > FREE_SERVER_WAIT:
+        source = max(waiting, key=lambda w: loads[w][2])
+        free = [w for w in loads if w is not source and loads[w][3] > 0 and loads[w][1] == 0]
+        if free and loads[source][2] > FREE_SERVER_WAIT:
             target = max(free, key=lambda w: loads[w][3])
-            return min(waiters, loads[target][3]), target
-        # Everyone busy: wait ≈ clients / rate per worker; move clients towards equal waits, halfway
-        # (the rates change as the load moves), and at most a tenth at a time.
-        target = min(others, key=lambda w: loads[w][2])
-        t_clients, _t_waiters, t_oldest, _t_free = loads[target]
-        if oldest < IMBALANCE * t_oldest + IMBALANCE_SLACK:
-            return 0, None
-        rate = clients / oldest
-        t_rate = max(t_clients, 1) / max(t_oldest, 0.001)
+            return min(loads[source][1], loads[target][3]), source, target
+        # Everyone busy: wait ≈ clients / rate per worker; move clients towards equal mean waits,
+        # halfway (the rates change as the load moves), and at most a tenth at a time.
+        source = max(waiting, key=lambda w: loads[w][4])
+        target = min((w for w in loads if w is not source), key=lambda w: loads[w][4])
+        clients, waiters, _oldest, _free, wait = loads[source]
+        t_clients, _t_waiters, _t_oldest, _t_free, t_wait = loads[target]
+        if wait < IMBALANCE * t_wait + IMBALANCE_SLACK:
+            return 0, None, None
+        rate = clients / wait
+        t_rate = max(t_clients, 1) / max(t_wait, 0.001)
         want = (clients + t_clients) * rate / (rate + t_rate)
-        return int(min(waiters, (clients - want) / 2, clients / 10)), target
+        return int(min(waiters, (clients - want) / 2, clients / 10)), source, target
 
     # --- workers ---
 

@@ -61,6 +61,8 @@ class Pool:
         self.waiters: deque[Waiter] = deque()
         self.servers: set[ServerConn] = set()
         self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
+        self.served = 0  # clients that waited and then got a server, since load() last ran
+        self.waited = 0.0  # their total wait, seconds
         self.connecting = 0
         self.server_params: dict[str, str] | None = None
         self._retry_at = 0.0
@@ -93,15 +95,18 @@ class Pool:
             self._grow()
         return None
 
-    def load(self, now: float) -> tuple[int, int, float, int]:
-        """(clients, waiters, seconds the oldest waiter has waited, servers it could lend at once)."""
+    def load(self, now: float) -> tuple[int, int, float, int, float]:
+        """(clients, waiters, seconds the oldest waiter has waited, servers it could lend at once,
+        mean wait of the clients served a server since the last call (else the oldest's))."""
         oldest = 0.0
         for client in self.waiters:
             if client.waiting:
                 oldest = now - client.wait_since
                 break
         free = len(self.idle) + max(0, self.pool_size - len(self.servers) - self.connecting)
-        return self.clients, len(self.waiters), oldest, free
+        mean = self.waited / self.served if self.served else oldest
+        self.waited, self.served = 0.0, 0
+        return self.clients, len(self.waiters), oldest, free, mean
 
     def cancel_wait(self, client: Waiter) -> None:
         if client.waiting:
@@ -130,6 +135,8 @@ class Pool:
             client = self.waiters.popleft()
             if client.waiting:
                 client.waiting = False
+                self.served += 1
+                self.waited += server.last_used - client.wait_since  # last_used: just now
                 client.assign(server)
                 return
         self.idle.append(server)

@@ -233,20 +233,23 @@ def test_a_waiting_client_moves_to_a_worker_with_a_free_server(pg, start_pooler)
 
 
 def test_balancing_plan():
-    """The acceptor's decision from LOAD reports: (clients, waiters, oldest wait s, free servers)."""
+    """The acceptor's decision from LOAD reports:
+    (clients, waiters, oldest wait s, free servers, mean wait s) -> (count, from, to)."""
     from pgdoorman.acceptor import Acceptor, Worker
 
     a, b = Worker(0), Worker(1)
     plan = Acceptor._plan
     # Free servers elsewhere: move as many waiters as they can take.
-    assert plan(a, {a: (10, 6, 0.5, 0), b: (0, 0, 0.0, 4)}) == (4, b)
-    assert plan(a, {a: (10, 2, 0.5, 0), b: (0, 0, 0.0, 4)}) == (2, b)
+    assert plan({a: (10, 6, 0.5, 0, 0.4), b: (0, 0, 0.0, 4, 0.0)}) == (4, a, b)
+    assert plan({a: (10, 2, 0.5, 0, 0.4), b: (0, 0, 0.0, 4, 0.0)}) == (2, a, b)
+    assert plan({a: (0, 0, 0.0, 4, 0.0), b: (10, 2, 0.5, 0, 0.4)}) == (2, b, a)
     # ... but not for a wait shorter than FREE_SERVER_WAIT, and not to a worker whose clients wait.
-    assert plan(a, {a: (10, 6, 0.001, 0), b: (0, 0, 0.0, 4)}) == (0, None)
-    # Both busy, waits 20 ms vs 10 ms with 250 clients each: rates 12.5k/s and 25k/s, so 1/3 of the
-    # clients belong on a; move half the way (41), capped at a tenth of a's clients (25).
-    assert plan(a, {a: (250, 240, 0.020, 0), b: (250, 240, 0.010, 0)}) == (25, b)
-    assert plan(a, {a: (100, 90, 0.020, 0), b: (300, 290, 0.010, 0)}) == (10, b)
+    assert plan({a: (10, 6, 0.001, 0, 0.001), b: (0, 0, 0.0, 4, 0.0)}) == (0, None, None)
+    # Both busy, mean waits 20 ms vs 10 ms with 250 clients each: rates 12.5k/s and 25k/s, so 1/3 of
+    # the clients belong on a; move half the way (41), capped at a tenth of a's clients (25).
+    assert plan({a: (250, 240, 0.030, 0, 0.020), b: (250, 240, 0.015, 0, 0.010)}) == (25, a, b)
+    assert plan({a: (100, 90, 0.030, 0, 0.020), b: (300, 290, 0.015, 0, 0.010)}) == (10, a, b)
     # Waits within 25 % (+2 ms) of each other: leave them.
-    assert plan(a, {a: (250, 240, 0.012, 0), b: (250, 240, 0.010, 0)}) == (0, None)
-    assert plan(a, {a: (250, 240, 0.012, 0)}) == (0, None)
+    assert plan({a: (250, 240, 0.015, 0, 0.012), b: (250, 240, 0.015, 0, 0.010)}) == (0, None, None)
+    assert plan({a: (250, 240, 0.015, 0, 0.012)}) == (0, None, None)
+    assert plan({a: (250, 0, 0.0, 0, 0.0), b: (250, 0, 0.0, 0, 0.0)}) == (0, None, None)
