@@ -37,6 +37,7 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 TICK = 0.25
 # a LOAD report entry: clients, waiters, oldest wait s, free servers, mean wait s
 Load = tuple[int, int, float, int, float]
+RECHECK_FULL = 0.3  # over max_client_conn: decide again after the workers' next close reports
 ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 RESTART_BACKOFF = 2.0  # a worker that died younger than this is restarted only after it
 STOP_GRACE = 10.0  # seconds the workers get to close their clients before SIGKILL
@@ -44,8 +45,8 @@ STOP_GRACE = 10.0  # seconds the workers get to close their clients before SIGKI
 STALE_LOAD = 1.0  # a LOAD report older than this is not acted on
 BALANCE_PAUSE = 0.5  # after moving a pool's clients, let the reports show the effect first
 FREE_SERVER_WAIT = 0.02  # a client waiting this long while another worker has a free server moves
-IMBALANCE = 1.25  # ... or when its worker's waits are this much longer than another's
-IMBALANCE_SLACK = 0.002
+IMBALANCE = 1.1  # ... or when its worker's mean wait is this much longer than another's
+IMBALANCE_SLACK = 0.0005
 
 
 @dataclass(eq=False)
@@ -93,11 +94,24 @@ class Acceptor:
                 return
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if sum(w.clients for w in self.workers) >= self.config.general.max_client_conn:
-                self._refuse(sock)
+            if self._full():
+                # Workers report closed clients once per tick: look again after the next reports.
+                asyncio.get_running_loop().call_later(RECHECK_FULL, self._admit_or_refuse, sock)
                 continue
-            worker = min(self.workers, key=lambda w: w.clients)
-            self._send(worker, bytes((channel.NEW_CLIENT,)), sock)
+            self._admit(sock)
+
+    def _full(self) -> bool:
+        return sum(w.clients for w in self.workers) >= self.config.general.max_client_conn
+
+    def _admit(self, sock: socket.socket) -> None:
+        worker = min(self.workers, key=lambda w: w.clients)
+        self._send(worker, bytes((channel.NEW_CLIENT,)), sock)
+
+    def _admit_or_refuse(self, sock: socket.socket) -> None:
+        if self._full():
+            self._refuse(sock)
+        else:
+            self._admit(sock)
 
     def _refuse(self, sock: socket.socket) -> None:
         log.warning("client refused: max_client_conn (%d) reached", self.config.general.max_client_conn)
@@ -251,7 +265,8 @@ class Acceptor:
         rate = clients / wait
         t_rate = max(t_clients, 1) / max(t_wait, 0.001)
         want = (clients + t_clients) * rate / (rate + t_rate)
-        return int(min(waiters, (clients - want) / 2, clients / 10)), source, target
+        count = int(min(waiters, (clients - want) / 2, clients / 10))
+        return (count, source, target) if count > 0 else (0, None, None)
 
     # --- workers ---
 
@@ -285,6 +300,7 @@ class Acceptor:
         worker.backlog.clear()
         worker.clients = 0
         worker.loads = {}
+        self._moved_keys = {k: w for k, w in self._moved_keys.items() if w is not worker}
         worker.proc = None
         young = time.monotonic() - worker.started < RESTART_BACKOFF
         worker.restart_at = time.monotonic() + (RESTART_BACKOFF if young else 0.0)

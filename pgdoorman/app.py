@@ -23,6 +23,7 @@ from pgdoorman.protocol import codes
 log = logging.getLogger("pgdoorman")
 GC_THRESHOLD = 20000
 TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_timeout
+CLOSE_NOTE_BATCH = 64  # client closes told to the acceptor at once (or at the next tick)
 
 
 class App:
@@ -66,7 +67,8 @@ class App:
             self.clients.remove(client)
             if self._channel is not None:
                 self._closed_unreported += 1
-                self._report_closed()
+                if self._closed_unreported >= CLOSE_NOTE_BATCH:
+                    self._report_closed()  # else on the next tick: one message, one wake-up
                 if client.cancel_key[0] % self._workers != self._worker:  # it had moved here
                     try:
                         channel.send(self._channel, channel.pack(channel.KEY_GONE, client.cancel_key))

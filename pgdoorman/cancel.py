@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 from typing import TYPE_CHECKING
 
 from pgdoorman.protocol.messages import cancel_request
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from pgdoorman.server import ServerConn
 
 log = logging.getLogger("pgdoorman.cancel")
+_two_u32 = struct.Struct("!II").unpack
 CANCEL_TIMEOUT = 5.0
 
 
@@ -27,8 +29,9 @@ class CancelRegistry:
 
     def register(self, client: ClientConn) -> tuple[int, int]:
         while True:
-            pid = secrets.randbits(30) // self._workers * self._workers + self._worker
-            key = (pid, secrets.randbits(31) - (1 << 30))
+            raw_pid, raw_key = _two_u32(secrets.token_bytes(8))
+            pid = (raw_pid >> 2) // self._workers * self._workers + self._worker  # 30 bits, then ≡
+            key = (pid, (raw_key >> 1) - (1 << 30))
             if key not in self._clients:
                 self._clients[key] = client
                 return key

@@ -278,18 +278,18 @@ class ClientConn(asyncio.Protocol):
 
     def _auth_ok(self) -> None:
         assert self.pool is not None
-        self.transport.write(m.authentication(codes.AUTH_OK))
         self.state = WAIT_LOGIN
         if self.mode == SESSION or self.pool.server_params is None:
             # Session mode keeps a server for the whole session; otherwise one server must have
             # told us the ParameterStatus set clients expect.
+            self.transport.write(_AUTH_OK)
             server = self.pool.acquire(self)
             if server is not None:
                 self.assign(server)
         else:
-            self._welcome()
+            self._welcome(_AUTH_OK)  # one write for the whole login reply
 
-    def _welcome(self) -> None:
+    def _welcome(self, prefix: bytes = b"") -> None:
         assert self.pool is not None and self.pool.server_params is not None
         params = dict(self.pool.server_params)
         for key, value in self._startup.items():
@@ -300,7 +300,7 @@ class ClientConn(asyncio.Protocol):
             params["application_name"] = self.pool.application_name
         self.params = params
         self.tracked = tracked_values(params)
-        out = bytearray()
+        out = bytearray(prefix)
         for name, value in params.items():
             out += m.parameter_status(name, value)
         self.cancel_key = self.app.cancels.register(self)
@@ -743,6 +743,7 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+_AUTH_OK = m.authentication(codes.AUTH_OK)
 _UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)

@@ -249,7 +249,7 @@ def test_balancing_plan():
     # the clients belong on a; move half the way (41), capped at a tenth of a's clients (25).
     assert plan({a: (250, 240, 0.030, 0, 0.020), b: (250, 240, 0.015, 0, 0.010)}) == (25, a, b)
     assert plan({a: (100, 90, 0.030, 0, 0.020), b: (300, 290, 0.015, 0, 0.010)}) == (10, a, b)
-    # Waits within 25 % (+2 ms) of each other: leave them.
-    assert plan({a: (250, 240, 0.015, 0, 0.012), b: (250, 240, 0.015, 0, 0.010)}) == (0, None, None)
+    # Mean waits within 10 % (+0.5 ms) of each other: leave them.
+    assert plan({a: (250, 240, 0.015, 0, 0.0114), b: (250, 240, 0.015, 0, 0.010)}) == (0, None, None)
     assert plan({a: (250, 240, 0.015, 0, 0.012)}) == (0, None, None)
     assert plan({a: (250, 0, 0.0, 0, 0.0), b: (250, 0, 0.0, 0, 0.0)}) == (0, None, None)
