@@ -290,19 +290,26 @@ class ClientConn(asyncio.Protocol):
             self._welcome(_AUTH_OK)  # one write for the whole login reply
 
     def _welcome(self, prefix: bytes = b"") -> None:
-        assert self.pool is not None and self.pool.server_params is not None
-        params = dict(self.pool.server_params)
-        for key, value in self._startup.items():
-            name = _TRACKED_LOWER.get(key.lower())
-            if name is not None:
-                params[name] = value
-        if "application_name" not in self._startup:
-            params["application_name"] = self.pool.application_name
-        self.params = params
-        self.tracked = tracked_values(params)
+        pool = self.pool
+        assert pool is not None and pool.server_params is not None
+        overrides = tuple((name, value) for key, value in self._startup.items()
+                          if (name := _TRACKED_LOWER.get(key.lower())) is not None)
+        # Clients of a pool mostly send the same startup values: build their ParameterStatus once.
+        welcome = pool.welcomes.get(overrides)
+        if welcome is None:
+            params = dict(pool.server_params)
+            params.update(overrides)
+            if not any(name == "application_name" for name, _ in overrides):
+                params["application_name"] = pool.application_name
+            block = b"".join(m.parameter_status(name, value) for name, value in params.items())
+            welcome = (params, tracked_values(params), block)
+            if len(pool.welcomes) >= WELCOME_CACHE:
+                pool.welcomes.clear()
+            pool.welcomes[overrides] = welcome
+        params, self.tracked, block = welcome
+        self.params = dict(params)  # the client's own: ParameterStatus updates it
         out = bytearray(prefix)
-        for name, value in params.items():
-            out += m.parameter_status(name, value)
+        out += block
         self.cancel_key = self.app.cancels.register(self)
         out += m.backend_key_data(*self.cancel_key)
         out += m.ready_for_query(b"I")
@@ -743,6 +750,7 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+WELCOME_CACHE = 64  # distinct startup-parameter sets per pool whose login reply is kept
 _AUTH_OK = m.authentication(codes.AUTH_OK)
 _UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading

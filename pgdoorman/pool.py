@@ -16,6 +16,7 @@ from pgdoorman.server import ServerConn, ServerError
 
 log = logging.getLogger("pgdoorman.pool")
 
+Welcome = tuple[dict[str, str], tuple[str | None, ...], bytes]
 RETRY_DELAY = 0.5  # after a failed connect, before the next attempt for the same pool
 
 
@@ -65,6 +66,8 @@ class Pool:
         self.waited = 0.0  # their total wait, seconds
         self.connecting = 0
         self.server_params: dict[str, str] | None = None
+        # the clients' login replies by startup overrides: (params, tracked values, ParameterStatus)
+        self.welcomes: dict[tuple[tuple[str, str], ...], Welcome] = {}
         self._retry_at = 0.0
         self._closing = False
 
