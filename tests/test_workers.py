@@ -32,6 +32,26 @@ def _alive(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _cancel_running_query(pg, conn: psycopg.Connection, sleep: str) -> None:
+    """Run `sleep` (a long pg_sleep) on conn in a thread, cancel it once PostgreSQL runs it, and
+    check that exactly that query was cancelled."""
+    box: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            conn.execute(sleep)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for_active_query(pg, sleep)
+    conn.cancel_safe(timeout=10)
+    t.join(10)
+    assert not t.is_alive(), "the cancel did not reach the query"
+    assert isinstance(box.get("error"), pgerr.QueryCanceled), box
+
+
 def _start(start_pooler, pool_size: int, app: str, workers: int = 2, **general):
     return start_pooler(pool_config("tx", pool_size=pool_size, users=("trust_user",), application_name=app),
                         {"workers": workers, **general})
@@ -90,22 +110,7 @@ def test_cancel_reaches_the_right_worker(pg, start_pooler):
     try:
         assert {a.info.backend_pid % 2, b.info.backend_pid % 2} == {0, 1}
         for conn in (a, b):
-            sleep = f"SELECT pg_sleep(30) /* worker cancel {conn.info.backend_pid} */"
-            box: dict[str, BaseException] = {}
-
-            def run(conn=conn, sleep=sleep, box=box) -> None:
-                try:
-                    conn.execute(sleep)
-                except BaseException as e:  # noqa: BLE001
-                    box["error"] = e
-
-            t = threading.Thread(target=run)
-            t.start()
-            wait_for_active_query(pg, sleep)
-            conn.cancel_safe(timeout=10)
-            t.join(10)
-            assert not t.is_alive(), "the cancel did not reach the query"
-            assert isinstance(box.get("error"), pgerr.QueryCanceled), box
+            _cancel_running_query(pg, conn, f"SELECT pg_sleep(30) /* cancel {conn.info.backend_pid} */")
             assert conn.execute("SELECT 7").fetchone() == (7,)
     finally:
         a.close()
@@ -209,21 +214,7 @@ def test_a_waiting_client_moves_to_a_worker_with_a_free_server(pg, start_pooler)
         x.rollback()
         # The cancel key it got from its first worker still cancels its query on the second.
         x.execute("SELECT 1")  # hold X's server again, so Y stays where it is
-        sleep = "SELECT pg_sleep(30) /* moved cancel */"
-        box: dict[str, BaseException] = {}
-
-        def run() -> None:
-            try:
-                y.execute(sleep)
-            except BaseException as e:  # noqa: BLE001
-                box["error"] = e
-
-        t = threading.Thread(target=run)
-        t.start()
-        wait_for_active_query(pg, sleep)
-        y.cancel_safe(timeout=10)
-        t.join(10)
-        assert isinstance(box.get("error"), pgerr.QueryCanceled), box
+        _cancel_running_query(pg, y, "SELECT pg_sleep(30) /* moved cancel */")
         x.rollback()
         assert _servers(pg, app) + _servers(pg, "mover") == 2  # one server per worker, no more
     finally:
