@@ -6,7 +6,7 @@ application_name, and SETs them on whichever server the client is lent.
 
 from __future__ import annotations
 
-from helpers import pconnect, pool_config
+from helpers import aconnect, pconnect, pool_config
 
 
 def _show(conn, name: str) -> str:
@@ -70,3 +70,30 @@ def test_plain_set_never_reaches_the_next_client(pg, start_pooler):
             b.execute("SET LOCAL statement_timeout = '4321ms'")
             assert _show(b, "statement_timeout") == "4321ms"
         assert _show(b, "statement_timeout") == defaults["statement_timeout"]
+
+
+async def test_login_reply_is_per_client_even_when_shared(start_pooler):
+    """Clients with the same startup values share one prebuilt login reply; what one of them changes
+    later (a reported SET) must not reach the next one's ParameterStatus or session."""
+    pooler = start_pooler(pool_config("tx", pool_size=1, users=("trust_user",)))
+    same = {"TimeZone": "Europe/Berlin", "application_name": "same"}
+    a = await aconnect(pooler, server_settings=same)
+    try:
+        assert a.get_settings().TimeZone == "Europe/Berlin"
+        await a.execute("SET TimeZone = 'Asia/Tokyo'")  # reported: a's own values now differ
+        assert a.get_settings().TimeZone == "Asia/Tokyo"
+        b = await aconnect(pooler, server_settings=same)
+        c = await aconnect(pooler, server_settings={"TimeZone": "Europe/Paris", "application_name": "other"})
+        try:
+            assert b.get_settings().TimeZone == "Europe/Berlin"
+            assert b.get_settings().application_name == "same"
+            assert await b.fetchval("SHOW TimeZone") == "Europe/Berlin"
+            assert c.get_settings().TimeZone == "Europe/Paris"
+            assert c.get_settings().application_name == "other"
+            assert await c.fetchval("SHOW TimeZone") == "Europe/Paris"
+            assert await a.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+        finally:
+            await b.close()
+            await c.close()
+    finally:
+        await a.close()
