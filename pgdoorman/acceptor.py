@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -27,16 +26,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pgdoorman import channel
+from pgdoorman.channel import Load
 from pgdoorman.config import Config, pool_keys, pool_share
 from pgdoorman.listen import listening_sockets
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
 log = logging.getLogger("pgdoorman")
-_unpack_i32 = struct.Struct("!i").unpack_from
 TICK = 0.25
-# a LOAD report entry: clients, waiters, oldest wait s, free servers, mean wait s
-Load = tuple[int, int, float, int, float]
 RECHECK_FULL = 0.3  # over max_client_conn: decide again after the workers' next close reports
 ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 RESTART_BACKOFF = 2.0  # a worker that died younger than this is restarted only after it
@@ -105,7 +102,7 @@ class Acceptor:
 
     def _admit(self, sock: socket.socket) -> None:
         worker = min(self.workers, key=lambda w: w.clients)
-        self._send(worker, bytes((channel.NEW_CLIENT,)), sock)
+        self._send(worker, channel.pack(channel.NEW_CLIENT), sock)
 
     def _admit_or_refuse(self, sock: socket.socket) -> None:
         if self._full():
@@ -135,7 +132,7 @@ class Acceptor:
             capable = self._capable.get((database, user))
             if capable:
                 target = min(capable, key=lambda w: w.clients)
-        self._send(target or source, bytes((channel.FINAL_CLIENT,)) + initial, sock)
+        self._send(target or source, channel.pack(channel.FINAL_CLIENT) + initial, sock)
 
     def _send(self, worker: Worker, message: bytes, sock: socket.socket) -> None:
         worker.clients += 1

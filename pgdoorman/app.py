@@ -69,7 +69,8 @@ class App:
                 self._closed_unreported += 1
                 if self._closed_unreported >= CLOSE_NOTE_BATCH:
                     self._report_closed()  # else on the next tick: one message, one wake-up
-                if client.cancel_key[0] % self._workers != self._worker:  # it had moved here
+                # A key another worker issued: the client moved here ((0, 0): it never logged in).
+                if client.cancel_key != (0, 0) and client.cancel_key[0] % self._workers != self._worker:
                     try:
                         channel.send(self._channel, channel.pack(channel.KEY_GONE, client.cancel_key))
                     except OSError:
@@ -144,8 +145,7 @@ class App:
         except OSError as exc:  # the client went away during the hand-over
             log.info("client hand-over failed: %s", exc)
             sock.close()
-            self._closed_unreported += 1
-            self._report_closed()
+            self._closed_unreported += 1  # told at the next tick, like every close
 
     def reroute(self, client: ClientConn, initial: bytes, database: str, user: str,
                 cancel_key: tuple[int, int] | None) -> bool:
@@ -156,11 +156,10 @@ class App:
         try:
             message = channel.pack(channel.REROUTE, (initial, database, user, cancel_key))
             channel.send(self._channel, message, fd)
-        except OSError as exc:
+        except OSError as exc:  # detached already: the client is gone either way
             log.info("%s: cannot reroute: %s", client.id, exc)
+        finally:
             os.close(fd)
-            return True  # detached: it is gone either way
-        os.close(fd)
         return True
 
     def _move_clients(self, pool_index: int, count: int, to: int) -> None:

@@ -12,6 +12,9 @@ import socket
 from typing import Any
 
 MAX_MESSAGE = 1 << 20
+# One pool's entry in a LOAD report (Pool.load): clients, waiters, seconds the oldest waiter has
+# waited, servers it could lend at once, mean wait of the clients served since the last report.
+Load = tuple[int, int, float, int, float]
 
 # acceptor -> worker
 NEW_CLIENT = 0x43  # "C" + the bytes read so far (none when just accepted); fd: the client
@@ -21,7 +24,7 @@ MOVE_CLIENTS = 0x4D  # "M" + (pool index, how many, to which worker): pass some 
 MOVED_CLIENT = 0x41  # "A" + ClientConn.detach() state; fd: the client
 # worker -> acceptor
 CLIENTS_GONE = 0x78  # "x" repeated once per client that has gone
-LOAD = 0x4C  # "L" + [(pool index, clients, waiters, oldest wait s, free servers), ...]
+LOAD = 0x4C  # "L" + [(pool index, *Load), ...]
 KEY_GONE = 0x6B  # "k" + cancel key of a client that had moved here, now gone
 REROUTE = 0x52  # "R" + (bytes read, database, user, cancel key or None); fd: a client not ours
 

@@ -9,6 +9,7 @@ from collections import deque
 from typing import Protocol
 
 from pgdoorman.auth import parse_secret
+from pgdoorman.channel import Load
 from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
 from pgdoorman.prepared import Registry
 from pgdoorman.protocol import codes
@@ -98,9 +99,9 @@ class Pool:
             self._grow()
         return None
 
-    def load(self, now: float) -> tuple[int, int, float, int, float]:
-        """(clients, waiters, seconds the oldest waiter has waited, servers it could lend at once,
-        mean wait of the clients served a server since the last call (else the oldest's))."""
+    def load(self, now: float) -> Load:
+        """This pool's LOAD report entry (see channel.Load); with nobody served since the last
+        call, the mean wait is the oldest waiter's."""
         oldest = 0.0
         for client in self.waiters:
             if client.waiting:
