@@ -20,6 +20,11 @@ from pgdoorman.protocol.scan import (
     BIND_NAMED,
     CLOSE,
     DESCRIBE,
+    HIDDEN_CLOSE,
+    NAMES_GUARDED,
+    NAMES_MAPPED,
+    NAMES_PLAIN,
+    PARSE,
     SPECIAL,
     STREAM,
     SYNTH_CLOSE,
@@ -47,8 +52,9 @@ _TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
 class ClientConn(asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
-        "_auth_kind", "_buf", "_held", "_max_message", "_partial", "_paused", "_reset_always",
-        "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_timer",
+        "_auth_kind", "_buf", "_held", "_max_message", "_need", "_partial", "_paused", "_reset_always",
+        "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_terminating",
+        "_timer",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
         "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
         "stmts", "tracked",
@@ -85,8 +91,10 @@ class ClientConn(asyncio.Protocol):
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray(initial)  # login-phase input
         self._held: bytes | bytearray | None = None  # requests waiting for a server
-        self._partial = b""
-        self._skip = 0
+        self._partial: bytes | bytearray = b""  # an incomplete message the pooler must read whole
+        self._need = 0  # the length _partial must reach before it is scanned
+        self._skip = 0  # bytes of a streamed message still to come: it is half written to the server
+        self._terminating = False  # Terminate received: the server may finish what it was sent
         self._timer: asyncio.TimerHandle | None = None  # login timeout
         self._paused = False
         self.wait_since = 0.0  # set by the pool while waiting for a server
@@ -328,11 +336,21 @@ class ClientConn(asyncio.Protocol):
 
     def _need_server(self, waiting_since: float = 0.0) -> None:
         assert self.pool is not None and self._held is not None
-        first = self._held[0]
+        held = self._held
+        first = self._partial[0] if self._partial else held[0]  # else: a message's continuation
         if first == 88:  # Terminate
             self.close("client close request")
             return
-        held = self._held
+        if first in _NO_REPLY_KINDS and not self._partial:
+            # CopyData/Done/Fail after a COPY that failed, or a Flush: PostgreSQL drops them
+            # outside COPY, so they need no server. Only whole messages are dropped here.
+            skipped = _whole_no_reply_prefix(held)
+            if skipped == len(held):
+                self._held = None
+                return
+            if skipped:
+                held = self._held = held[skipped:]
+                first = held[0]
         if first == 80 and len(held) > 5 and held[5] != 0 and self._rewrite and self._prepare_locally(held):
             self._held = None
             return
@@ -426,8 +444,14 @@ class ClientConn(asyncio.Protocol):
 
     def _relay(self, data: bytes | bytearray, server: ServerConn) -> None:
         if self._partial:
-            data = self._partial + data
-            self._partial = b""
+            # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
+            partial = self._partial
+            if not isinstance(partial, bytearray):
+                partial = self._partial = bytearray(partial)
+            partial += data
+            if len(partial) < self._need:
+                return
+            data, self._partial = partial, b""
         n = len(data)
         pos = self._skip
         transport = server.transport
@@ -435,23 +459,33 @@ class ClientConn(asyncio.Protocol):
         if pos >= n:
             self._skip = pos - n
             transport.write(data)
+            if not self._skip and not server.pending:
+                self._message_done(server)
             return
         self._skip = 0
         pending = server.pending
-        check_names = self.mode != SESSION
+        start = len(pending)
+        session = self.mode == SESSION
         out: bytearray | None = None
         copied = 0
         while True:
-            pos, result, skip = scan_requests(data, pos, pending, check_names, self._max_message)
+            names = NAMES_PLAIN if session else (
+                NAMES_MAPPED if server.unnamed_owner is self else NAMES_GUARDED)
+            pos, result, skip = scan_requests(data, pos, pending, names, self._max_message)
             if result == SPECIAL:
                 end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                replaced = self._special_request(data, pos, end, server)
-                if replaced is None:  # the client is gone; send what came before
+                if data[pos] == 88:  # Terminate: what came before it still goes to the server
                     if out is None:
                         out = bytearray()
                     out += data[copied:pos]
                     if out and not server.closed:
                         transport.write(out)
+                    server.requests_sent(start)
+                    self._terminating = True
+                    self.close("client close request")
+                    return
+                replaced = self._special_request(data, pos, end, server)
+                if replaced is None:  # the client is gone; the server is closed with it
                     return
                 if replaced is not _UNCHANGED:
                     if out is None:
@@ -469,7 +503,8 @@ class ClientConn(asyncio.Protocol):
                 self._skip = skip
             break
         if pos < n:
-            self._partial = bytes(data[pos:])  # an incomplete message to read whole
+            self._partial = data[pos:]  # an incomplete message to read whole
+            self._need = n - pos + 1 if n - pos < 5 else 1 + _unpack_len(data, pos + 1)[0]
         if out is None:
             if pos:
                 transport.write(data if pos >= n else data[:pos])
@@ -477,6 +512,16 @@ class ClientConn(asyncio.Protocol):
             out += data[copied:pos]
             if out:
                 transport.write(out)
+        if len(pending) != start:
+            server.requests_sent(start)
+        elif not pending and not self._skip:
+            self._message_done(server)
+
+    def _message_done(self, server: ServerConn) -> None:
+        """The client finished writing messages that get no reply (the rest of a CopyData after
+        COPY failed, a stray CopyDone, a Flush): if the server is idle again, it can go back."""
+        if self.mode != SESSION and self.server is server and server.reusable():
+            self.on_ready(server.status)
 
     def _special_request(
         self, data: bytes | bytearray, pos: int, end: int, server: ServerConn
@@ -486,6 +531,10 @@ class ClientConn(asyncio.Protocol):
         kind = data[pos]
         named = self._rewrite
         if kind == 80:  # Parse of a named statement
+            if data[pos + 5] == 0:  # of the unnamed one, on a server where it was another's
+                server.unnamed_owner = self
+                server.pending.append(PARSE)
+                return _UNCHANGED
             if named:
                 return self._parse(data, pos, end, server)
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
@@ -494,11 +543,15 @@ class ClientConn(asyncio.Protocol):
             return None
         if kind == 66:  # Bind to a named statement
             name_at = data.index(0, pos + 5, end) + 1
+            if data[name_at] == 0:
+                return self._unnamed_guard(data, pos, end, server, BIND)
             if named:
                 return self._bind(data, pos, name_at, end, server)
             server.pending.append(BIND)
             return _UNCHANGED
         if kind == 68:  # Describe of a named statement
+            if data[pos + 6] == 0:
+                return self._unnamed_guard(data, pos, end, server, DESCRIBE)
             replaced = self._describe(data, pos, end, server) if named else None
             server.pending.append(DESCRIBE)
             return _UNCHANGED if replaced is None else replaced
@@ -509,11 +562,18 @@ class ClientConn(asyncio.Protocol):
                 return b""
             server.pending.append(CLOSE)
             return _UNCHANGED
-        if kind == 88:
-            self.close("client close request")
-        else:
-            self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
+        self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
         return None
+
+    def _unnamed_guard(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn,
+                       kind: int) -> bytes:
+        """A Bind or Describe of the unnamed statement, which on this server is another client's:
+        close it first (hidden), so PostgreSQL answers as it would this client alone ("unnamed
+        prepared statement does not exist")."""
+        server.unnamed_owner = self
+        server.pending.append(HIDDEN_CLOSE)
+        server.pending.append(kind)
+        return _CLOSE_UNNAMED + bytes(data[pos:end])
 
     def _synthetic(self, server: ServerConn, kind: int) -> None:
         """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
@@ -582,9 +642,11 @@ class ClientConn(asyncio.Protocol):
         self.in_transaction = status != _STATUS_IDLE
         if self.mode == SESSION:
             return
+        server = self.server
+        assert server is not None and self.pool is not None
         if status == _STATUS_IDLE:
-            server = self.server
-            assert server is not None and self.pool is not None
+            if self._skip or server.unsynced or server.copy_in:
+                return  # not done with it yet: released once it is (see _message_done)
             self.server = None
             server.client = None
             if server.session_reset or self._reset_always:
@@ -655,8 +717,18 @@ class ClientConn(asyncio.Protocol):
         server.client = None
         if server.closed:
             return
-        if server.pending:
-            server.close("client disconnected with a request in flight")
+        if server.pending and self._terminating and not (
+                self._skip or server.unsynced or server.copy_in or server.doubt):
+            # The client said goodbye after its last requests, as it may: PostgreSQL would run
+            # them, so the server finishes them (replies dropped), then is reset as usual.
+            server.on_idle = self._give_back
+            asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, _close_if_stuck, server)
+            return
+        if server.pending or self._skip or server.unsynced or server.copy_in or server.doubt:
+            # Something is in flight, half written, or inside an open batch: nothing the pooler
+            # sends could make this server clean for sure (a Sync would commit the batch).
+            server.close("client left while the server was not ready: "
+                         + server.why_not_reusable(bool(self._skip)))
             return
         self._give_back(server)
 
@@ -750,11 +822,27 @@ class ClientConn(asyncio.Protocol):
 
 
 RESET_TIMEOUT = 10.0
+DRAIN_TIMEOUT = 60.0  # a server finishing the requests of a client that sent Terminate
 WELCOME_CACHE = 64  # distinct startup-parameter sets per pool whose login reply is kept
 _AUTH_OK = m.authentication(codes.AUTH_OK)
 _UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
+_CLOSE_UNNAMED = m.message(b"C", b"S\0")
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
+
+
+_NO_REPLY_KINDS = frozenset(b"dcfH")
+
+
+def _whole_no_reply_prefix(data: bytes | bytearray) -> int:
+    """How many leading bytes of data are whole CopyData/CopyDone/CopyFail/Flush messages."""
+    pos, n = 0, len(data)
+    while pos + 5 <= n and data[pos] in _NO_REPLY_KINDS:
+        end = pos + 1 + _unpack_len(data, pos + 1)[0]
+        if end > n:
+            break
+        pos = end
+    return pos
 
 
 def _close_if_stuck(server: ServerConn) -> None:

@@ -14,7 +14,6 @@ import logging
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -25,6 +24,7 @@ from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
     BIND_NAMED,
+    COPY_END,
     DESCRIBE,
     EXECUTE,
     HIDDEN_CLOSE,
@@ -34,12 +34,13 @@ from pgdoorman.protocol.scan import (
     QUERY,
     SPECIAL,
     STREAM,
-    SYNC,
     SYNTH_CLOSE,
     SYNTH_DUE,
+    SYNTH_ERROR,
     SYNTH_PARSE,
     scan_replies,
 )
+from pgdoorman.protocol.state import HAS_REF, ServerState
 
 if TYPE_CHECKING:
     from pgdoorman.pool import Pool
@@ -49,7 +50,6 @@ _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
 
 SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
-_HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
 
 _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
@@ -94,12 +94,12 @@ class ServerError(Exception):
         self.code = code
 
 
-class ServerConn(asyncio.Protocol):
+class ServerConn(ServerState, asyncio.Protocol):
     __slots__ = (
-        "_handshaking", "_inbuf", "_partial", "_scram", "_skip", "backend_key", "backend_pid",
-        "cancels_in_flight", "client", "closed", "created", "id", "last_used",
-        "on_idle", "params", "parked", "pending", "pool", "ready", "refs", "refuse_transactions",
-        "session_reset", "statements", "status", "tracked", "transport",
+        "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "backend_key", "backend_pid",
+        "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
+        "on_idle", "params", "parked", "pool", "ready", "refuse_transactions",
+        "session_reset", "statements", "tracked", "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -107,14 +107,12 @@ class ServerConn(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.client: ClientLink | None = None
-        self.pending = bytearray()  # kinds of the requests still owed a reply, oldest first
-        self.refs: deque[Statement | None] = deque()
+        self.init_state()  # pending, refs, status, ...: see protocol/state.py
         self.statements = ServerStatements(max(pool.prepared_cache_size, 1))
         self.params: dict[str, str] = {}
         self.tracked: tuple[str | None, ...] = ()
         self.backend_pid = 0
         self.backend_key = 0
-        self.status = _STATUS_IDLE
         self.created = time.monotonic()
         self.last_used = self.created
         self.cancels_in_flight = 0
@@ -122,13 +120,17 @@ class ServerConn(asyncio.Protocol):
         self.refuse_transactions = False  # lent in statement mode
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
+        # The ErrorResponse fields of the last failed pooler query (send_hidden); the login probe of
+        # a client's startup settings reads it.
+        self.hidden_error: dict[str, str] | None = None
         self.closed = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_idle: Callable[[ServerConn], None] | None = None  # reset done; else released to pool
         self._handshaking = True
         self._inbuf = bytearray()
         self._scram: ScramClient | None = None
-        self._partial = b""
+        self._partial: bytes | bytearray = b""  # an incomplete message the pooler must see whole
+        self._need = 0  # the length _partial must reach before it is scanned
         self._skip = 0
 
     # --- handshake ---
@@ -224,8 +226,14 @@ class ServerConn(asyncio.Protocol):
             self._handshake(data)
             return
         if self._partial:
-            data = self._partial + data
-            self._partial = b""
+            # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
+            partial = self._partial
+            if not isinstance(partial, bytearray):
+                partial = self._partial = bytearray(partial)
+            partial += data
+            if len(partial) < self._need:
+                return
+            data, self._partial = partial, b""
         n = len(data)
         pos = self._skip
         if pos >= n:
@@ -271,6 +279,7 @@ class ServerConn(asyncio.Protocol):
             pos = end
         if pos < n:
             self._partial = data[pos:]  # an incomplete message the pooler must see whole
+            self._need = n - pos + 1 if n - pos < 5 else 1 + _unpack_len(data, pos + 1)[0]
         if out is None:
             payload: bytes | bytearray = data if pos >= n else data[:pos]
         else:
@@ -291,18 +300,23 @@ class ServerConn(asyncio.Protocol):
         if not pending:
             if kind == _S or kind == _E:
                 self._unsolicited(kind, data[pos + 5 : end])
+            elif kind == _Z:
+                self.status = data[pos + 5]
+                self.doubt = "ReadyForQuery that no request was owed"
             return False, b""
         head = pending[0]
         hide = head == HIDDEN_QUERY
         popped = False
         if kind == _Z:
-            del pending[0]
+            # The scanner stops here when the oldest owed is not the Query/Sync this answers:
+            # the requests before it were skipped after an error (state.settle_ready).
+            self.settle_ready()
             popped = True
             self.status = data[pos + 5]
         elif kind == 49:  # ParseComplete
             del pending[0]
             popped = True
-            if head in _HAS_REF:
+            if head in HAS_REF:
                 ref = self.refs.popleft()
                 if ref is not None:
                     ref.confirmed = True
@@ -310,7 +324,7 @@ class ServerConn(asyncio.Protocol):
         elif kind == 50:  # BindComplete
             del pending[0]
             popped = True
-            if head in _HAS_REF:
+            if head in HAS_REF:
                 self.refs.popleft()
         elif kind == 51:  # CloseComplete
             del pending[0]
@@ -328,6 +342,10 @@ class ServerConn(asyncio.Protocol):
                 self._command_tag(data[pos + 5 : end - 1], hide)
         elif kind == _E:
             popped = self._error(head, data[pos + 5 : end])
+        elif kind == 71:  # CopyInResponse
+            self.copy_in_started()
+        elif kind == 87:  # CopyBothResponse: replication only, which the pooler refuses
+            self.doubt = "unexpected CopyBothResponse"
         elif kind == _S:
             self._parameter_status(data[pos + 5 : end], hide)
         return hide, self._drain_synthetic() if popped else b""
@@ -337,8 +355,12 @@ class ServerConn(asyncio.Protocol):
         pending = self.pending
         extra = b""
         while pending and pending[0] >= SYNTH_PARSE:
-            extra += SYNTH_REPLY[pending[0]]
+            kind = pending[0]
             del pending[0]
+            if kind == SYNTH_ERROR:
+                extra += self.synth_errors.popleft()
+            elif kind != COPY_END:  # a CopyDone/CopyFail marker: owed nothing
+                extra += SYNTH_REPLY[kind]
         return extra
 
     def _emit(self, data: bytes | bytearray) -> None:
@@ -382,9 +404,11 @@ class ServerConn(asyncio.Protocol):
 
     def _error(self, head: int, body: bytes) -> bool:
         """An ErrorResponse: in extended protocol the server now skips everything until Sync."""
+        self.copy_over()
         if head == QUERY or head == HIDDEN_QUERY:
             if head == HIDDEN_QUERY:
                 fields = m.parse_error_fields(body)
+                self.hidden_error = fields
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
             return False
         if head == BIND_NAMED:
@@ -393,14 +417,9 @@ class ServerConn(asyncio.Protocol):
                 # The plan went stale after DDL: forget it here so the next use re-prepares.
                 self.statements.discard(ref)
                 self.statements.stale.add(ref)
-        pending, refs = self.pending, self.refs
-        while pending and pending[0] != SYNC and pending[0] != QUERY and pending[0] != HIDDEN_QUERY:
-            kind = pending[0]
-            del pending[0]
-            if kind in _HAS_REF:
-                ref = refs.popleft()
-                if ref is not None and kind != BIND_NAMED:
-                    self.statements.discard(ref)  # its Parse never ran
+        for kind, ref in self.skip_to_sync():
+            if ref is not None and kind != BIND_NAMED:
+                self.statements.discard(ref)  # its Parse never ran
         return True
 
     # --- used by the client and the pool ---
@@ -431,8 +450,8 @@ class ServerConn(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Nothing owed and not in a transaction: safe to lend to anyone."""
-        return not self.pending and self.status == _STATUS_IDLE and not self.closed
+        """Safe to lend to anyone (protocol/state.py: reusable)."""
+        return not self.closed and self.reusable()
 
     def close(self, reason: str) -> None:
         if self.closed:

@@ -10,6 +10,8 @@
 enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
 enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
 #define SYNTH_PARSE 13
+#define COPY_END 15
+enum { NAMES_PLAIN = 0, NAMES_MAPPED = 1, NAMES_GUARDED = 2 };
 
 static inline uint32_t be32(const unsigned char *p)
 {
@@ -65,7 +67,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             pos = end;
             continue;
         }
-        if (head >= npending || kind == 'S' || kind == 'E' || kinds[head] > CLOSE ||
+        if (head >= npending || kind == 'S' || kind == 'E' || kind == 'G' || kinds[head] > CLOSE ||
             (end == pos + 5 && (kind == 'Z' || kind == 'C'))) {
             result = SPECIAL;
             break;
@@ -73,6 +75,10 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
         unsigned char h = kinds[head];
         int popped = 0;
         if (kind == 'Z') {
+            if (h != QUERY && h != SYNC) {
+                result = SPECIAL; /* replies to skipped requests: the pooler settles */
+                break;
+            }
             popped = 1;
             last_z = data[pos + 5];
         } else if (kind == '1' || kind == '2' || kind == '3') {
@@ -122,7 +128,7 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
-    int check_names = PyObject_IsTrue(args[3]);
+    long check_names = PyLong_AsLong(args[3]);
     Py_ssize_t max_len = PyLong_AsSsize_t(args[4]);
     if ((pos < 0 || max_len < 0 || check_names < 0) && PyErr_Occurred()) {
         PyBuffer_Release(&view);
@@ -146,11 +152,46 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
         Py_ssize_t end = pos + 1 + length;
         if (end > n) {
             if (!strchr("PBDCX", kind) || kind == 0) {
+                unsigned char owed = 0;
+                switch (kind) {
+                case 'Q':
+                case 'F':
+                    owed = QUERY;
+                    break;
+                case 'E':
+                    owed = EXECUTE;
+                    break;
+                case 'S':
+                    owed = SYNC;
+                    break;
+                case 'c':
+                case 'f':
+                    owed = COPY_END;
+                    break;
+                case 'd':
+                case 'H':
+                    break;
+                default:
+                    result = SPECIAL; /* not a frontend message */
+                }
+                if (result == SPECIAL)
+                    break;
+                if (owed) /* owed a reply from its first byte */
+                    added[nadded++] = owed;
                 skip = (long)(end - n);
                 pos = n;
                 result = STREAM;
             }
             break;
+        }
+        if (nadded == (Py_ssize_t)sizeof(added)) {
+            Py_ssize_t len = PyByteArray_GET_SIZE(pending);
+            if (PyByteArray_Resize(pending, len + nadded) < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
+            nadded = 0;
         }
         unsigned char add = 0;
         switch (kind) {
@@ -165,46 +206,40 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             add = SYNC;
             break;
         case 'P':
-            if (check_names && data[pos + 5] != 0)
+            if (check_names && (data[pos + 5] != 0 || check_names == NAMES_GUARDED))
                 result = SPECIAL;
             add = PARSE;
             break;
         case 'B': {
             const unsigned char *nul = memchr(data + pos + 5, 0, (size_t)(end - pos - 5));
             Py_ssize_t name_at = nul ? (nul - data) + 1 : end;
-            if (name_at >= end || (check_names && data[name_at] != 0))
+            if (name_at >= end ||
+                (check_names && (data[name_at] != 0 || check_names == NAMES_GUARDED)))
                 result = SPECIAL;
             add = BIND;
             break;
         }
         case 'D':
         case 'C':
-            if (check_names && length > 5 && data[pos + 5] == 'S' && data[pos + 6] != 0)
+            if (check_names && length > 5 && data[pos + 5] == 'S' &&
+                (data[pos + 6] != 0 || (kind == 'D' && check_names == NAMES_GUARDED)))
                 result = SPECIAL;
             add = kind == 'D' ? DESCRIBE : CLOSE;
             break;
-        case 'H':
-        case 'd':
         case 'c':
         case 'f':
+            add = COPY_END;
+            break;
+        case 'H':
+        case 'd':
             break;
         default:
             result = SPECIAL; /* Terminate, or not a frontend message */
         }
         if (result == SPECIAL)
             break;
-        if (add) {
-            if (nadded == (Py_ssize_t)sizeof(added)) {
-                Py_ssize_t len = PyByteArray_GET_SIZE(pending);
-                if (PyByteArray_Resize(pending, len + nadded) < 0) {
-                    PyBuffer_Release(&view);
-                    return NULL;
-                }
-                memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
-                nadded = 0;
-            }
+        if (add)
             added[nadded++] = add;
-        }
         pos = end;
     }
     PyBuffer_Release(&view);

@@ -27,6 +27,14 @@ PARSE_NAMED = 11  # rewritten client Parse (has a ref)
 BIND_NAMED = 12  # rewritten client Bind (has a ref)
 SYNTH_PARSE = 13  # client Parse of a statement the server has: pooler answers ParseComplete
 SYNTH_CLOSE = 14  # client Close of a statement: pooler answers CloseComplete
+COPY_END = 15  # client CopyDone/CopyFail: no reply; marks where the Syncs PostgreSQL ignores end
+SYNTH_ERROR = 16  # the pooler answers an ErrorResponse of its own (ServerConn.synth_errors)
+# From SYNTH_PARSE on, a kind is "due" as soon as everything before it is answered.
+
+# check_names modes of scan_requests
+NAMES_PLAIN = 0  # session mode: names pass unchanged
+NAMES_MAPPED = 1  # named statements are the pooler's to map
+NAMES_GUARDED = 2  # ... and the unnamed statement on this server may be another client's
 
 # Scanner results
 DONE = 0  # every complete message consumed; data[pos:] is an incomplete message to hold back
@@ -38,7 +46,7 @@ SYNTH_DUE = 4  # a reply before pos completed a request and the oldest owed is n
 _unpack_len = struct.Struct("!I").unpack_from
 _WHOLE = frozenset(b"PBDCX")  # requests read whole (names); others may be streamed
 _PLAIN_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC, 68: DESCRIBE, 67: CLOSE}
-_NO_REPLY = frozenset(b"Hdcf")  # Flush and COPY data from the client
+_STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from their first byte
 # CommandComplete tags of statements that change session state a later client could see.
 _SESSION_TAGS = frozenset((b"SET\0", b"LISTEN\0", b"PREPARE\0"))
 
@@ -58,13 +66,15 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
         if kind == 68:
             pos = end
             continue
-        if not pending or kind == 83 or kind == 69 or pending[0] > CLOSE:
-            return pos, SPECIAL, 0, last_z
+        if not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE:
+            return pos, SPECIAL, 0, last_z  # ParameterStatus, errors, CopyInResponse, pooler's own
         if end == pos + 5 and (kind == 90 or kind == 67):
             return pos, SPECIAL, 0, last_z  # no status/tag: malformed, the pooler judges
         head = pending[0]
         popped = False
         if kind == 90:
+            if head != QUERY and head != SYNC:
+                return pos, SPECIAL, 0, last_z  # replies to skipped requests: the pooler settles
             last_z = data[pos + 5]
             popped = True
         elif kind == 49 or kind == 50 or kind == 51:
@@ -85,9 +95,12 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
     return pos, DONE, 0, last_z
 
 
-def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: bool,
+def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: int,
                      max_len: int) -> tuple[int, int, int]:
-    """Walk client messages from pos, appending to pending. Returns (pos, result, skip)."""
+    """Walk client messages from pos, appending to pending. Returns (pos, result, skip).
+
+    check_names: NAMES_PLAIN, NAMES_MAPPED or NAMES_GUARDED. A request is owed a reply from its
+    header on: an incomplete Query/FunctionCall/Execute/Sync is counted before it is streamed."""
     n = len(data)
     while pos + 5 <= n:
         kind = data[pos]
@@ -98,24 +111,33 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
         if end > n:
             if kind in _WHOLE:
                 return pos, DONE, 0
+            owed = _STREAMED_REQUEST.get(kind)
+            if owed is not None:
+                pending.append(owed)
+            elif kind == 99 or kind == 102:
+                pending.append(COPY_END)
+            elif kind != 100 and kind != 72:
+                return pos, SPECIAL, 0  # not a frontend message
             return n, STREAM, end - n
         if kind == 80:  # Parse
-            if check_names and data[pos + 5] != 0:
+            if check_names and (data[pos + 5] != 0 or check_names == NAMES_GUARDED):
                 return pos, SPECIAL, 0
             pending.append(PARSE)
         elif kind == 66:  # Bind: portal name, then statement name
             name_at = data.find(b"\0", pos + 5, end) + 1
             if name_at == 0 or name_at >= end:
                 return pos, SPECIAL, 0
-            if check_names and data[name_at] != 0:
+            if check_names and (data[name_at] != 0 or check_names == NAMES_GUARDED):
                 return pos, SPECIAL, 0
             pending.append(BIND)
         elif kind in _PLAIN_REQUEST:
             if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \
-                    and data[pos + 6] != 0:
+                    and (data[pos + 6] != 0 or (kind == 68 and check_names == NAMES_GUARDED)):
                 return pos, SPECIAL, 0  # Describe/Close of a named statement
             pending.append(_PLAIN_REQUEST[kind])
-        elif kind not in _NO_REPLY:
+        elif kind == 99 or kind == 102:  # CopyDone, CopyFail
+            pending.append(COPY_END)
+        elif kind != 100 and kind != 72:  # CopyData, Flush: no reply
             return pos, SPECIAL, 0  # Terminate, or not a frontend message
         pos = end
     return pos, DONE, 0
