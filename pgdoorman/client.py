@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
-from pgdoorman.prepared import Statement
+from pgdoorman.prepared import SERVER_NAME_PREFIX, Statement, parse_own_query
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
@@ -20,18 +20,28 @@ from pgdoorman.protocol.scan import (
     BIND_NAMED,
     CLOSE,
     DESCRIBE,
+    DESCRIBE_NAMED,
     HIDDEN_CLOSE,
     NAMES_GUARDED,
     NAMES_MAPPED,
     NAMES_PLAIN,
     PARSE,
+    QUERY,
     SPECIAL,
     STREAM,
     SYNTH_CLOSE,
     SYNTH_PARSE,
+    SYNTH_QUERY,
     scan_requests,
 )
-from pgdoorman.server import SYNTH_REPLY, TRACKED_PARAMS, ServerConn, tracked_values, with_tracked
+from pgdoorman.server import (
+    SYNTH_REPLY,
+    TRACKED_PARAMS,
+    ServerConn,
+    raise_sql,
+    tracked_values,
+    with_tracked,
+)
 
 if TYPE_CHECKING:
     from pgdoorman.app import App
@@ -54,7 +64,7 @@ class ClientConn(asyncio.Protocol):
     __slots__ = (
         "_auth_kind", "_buf", "_held", "_max_message", "_need", "_partial", "_paused", "_reset_always",
         "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_terminating",
-        "_timer",
+        "_timer", "_verify_hold", "_hold_prefix", "_no_verify",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
         "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
         "stmts", "tracked",
@@ -95,6 +105,10 @@ class ClientConn(asyncio.Protocol):
         self._need = 0  # the length _partial must reach before it is scanned
         self._skip = 0  # bytes of a streamed message still to come: it is half written to the server
         self._terminating = False  # Terminate received: the server may finish what it was sent
+        # Requests held until a re-prepared statement's shape is checked (see _lookup).
+        self._verify_hold: bytearray | None = None
+        self._hold_prefix = b""
+        self._no_verify = False
         self._timer: asyncio.TimerHandle | None = None  # login timeout
         self._paused = False
         self.wait_since = 0.0  # set by the pool while waiting for a server
@@ -130,7 +144,13 @@ class ClientConn(asyncio.Protocol):
             self.activity += 1
             server = self.server
             if server is not None:
-                self._forward(data, server)
+                if self._verify_hold is None:
+                    self._forward(data, server)
+                else:
+                    self._verify_hold += data
+                    if len(self._verify_hold) > HOLD_LIMIT and not self._paused:
+                        self._paused = True
+                        self.transport.pause_reading()
             elif self._held is not None:
                 if isinstance(self._held, bytes):  # a second chunk: start accumulating
                     self._held = bytearray(self._held)
@@ -487,6 +507,16 @@ class ClientConn(asyncio.Protocol):
                 replaced = self._special_request(data, pos, end, server)
                 if replaced is None:  # the client is gone; the server is closed with it
                     return
+                if replaced is _HOLD:  # send what comes before; hold this message and the rest
+                    if out is None:
+                        out = bytearray()
+                    out += data[copied:pos]
+                    out += self._hold_prefix
+                    self._hold_prefix = b""
+                    self._verify_hold = bytearray(data[pos:])
+                    transport.write(out)
+                    server.requests_sent(start)
+                    return
                 if replaced is not _UNCHANGED:
                     if out is None:
                         out = bytearray()
@@ -552,9 +582,13 @@ class ClientConn(asyncio.Protocol):
         if kind == 68:  # Describe of a named statement
             if data[pos + 6] == 0:
                 return self._unnamed_guard(data, pos, end, server, DESCRIBE)
-            replaced = self._describe(data, pos, end, server) if named else None
+            if named:
+                replaced = self._describe(data, pos, end, server)
+                return _UNCHANGED if replaced is None else replaced
             server.pending.append(DESCRIBE)
-            return _UNCHANGED if replaced is None else replaced
+            return _UNCHANGED
+        if kind == 81:
+            return self._own_query(data, pos, end, server)
         if kind == 67:  # Close of a named statement
             if named:
                 self.stmts.pop(bytes(data[pos + 6 : end - 1]), None)
@@ -605,10 +639,27 @@ class ClientConn(asyncio.Protocol):
         if self._stmt_cap and len(stmts) > self._stmt_cap:
             del stmts[next(iter(stmts))]
 
-    def _lookup(self, name: bytes, server: ServerConn, out: bytearray) -> Statement | None:
+    def _lookup(self, name: bytes, server: ServerConn, out: bytearray) -> Statement | None | bytes:
+        """The client's statement by its name, made to exist on this server (messages for that
+        appended to out). Returns _HOLD when the re-prepared statement's shape must be checked
+        first, or _RAISED when out makes PostgreSQL fail the request as it would directly."""
         stmt = self.stmts.get(name)
-        if stmt is not None and not server.statements.has(stmt):
+        if stmt is None:
+            if name.startswith(SERVER_NAME_PREFIX):  # the pooler's own: no client may reach them
+                server.raise_error(out, codes.INVALID_SQL_STATEMENT_NAME,
+                                   f'prepared statement "{name.decode(errors="replace")}" does not exist')
+                return _RAISED
+            return None
+        if stmt.retired:
+            server.raise_error(out, codes.FEATURE_NOT_SUPPORTED, CACHED_PLAN_ERROR, _CACHED_PLAN_REPLY)
+            return _RAISED
+        if not server.statements.has(stmt):
             server.prepare_statement(stmt, out)
+            if stmt.shape is not None and not self._no_verify:
+                # Clients were told its result shape; DDL may have changed it since. Check before
+                # anything runs it here (one round trip, on a server's first use of it only).
+                server.describe_hidden(stmt, out)
+                return _HOLD
         return stmt
 
     def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes:
@@ -618,6 +669,8 @@ class ClientConn(asyncio.Protocol):
         if stmt is None:
             server.pending.append(BIND)
             return _UNCHANGED  # unknown name: the server answers "does not exist" itself
+        if isinstance(stmt, bytes):
+            return self._held_or_raised(stmt, out)
         server.pending.append(BIND_NAMED)
         server.refs.append(stmt)
         assert self.pool is not None
@@ -631,9 +684,66 @@ class ClientConn(asyncio.Protocol):
         out = bytearray()
         stmt = self._lookup(bytes(data[pos + 6 : end - 1]), server, out)
         if stmt is None:
+            server.pending.append(DESCRIBE)
             return None
+        if isinstance(stmt, bytes):
+            return self._held_or_raised(stmt, out)
         out += m.message(b"D", b"S" + stmt.server_name + b"\0")
+        server.pending.append(DESCRIBE_NAMED)
+        server.refs.append(stmt)
         return bytes(out)
+
+    def _held_or_raised(self, outcome: bytes, out: bytearray) -> bytes:
+        if outcome is _HOLD:
+            self._hold_prefix = bytes(out)
+            return _HOLD
+        return bytes(out)  # _RAISED: the error instead of the request
+
+    def on_verified(self, failed: bool) -> None:
+        """The hidden Describe of a re-prepared statement was answered (failed: its Parse failed
+        and the server now skips until Sync): send what was held behind it."""
+        held, self._verify_hold = self._verify_hold, None
+        server = self.server
+        if held is None or server is None or self.state == CLOSED:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self._no_verify = failed  # the server skips it all anyway: never wait for a reply
+        try:
+            self._forward(held, server)
+        finally:
+            self._no_verify = False
+
+    def _own_query(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
+        """A simple Query starting with DEALLOCATE or PREPARE, where statements are mapped: the
+        client's protocol-level names are the pooler's to deallocate, and the pooler's own
+        server-side names are no client's."""
+        server.pending.append(QUERY)
+        parsed = parse_own_query(bytes(data[pos + 5 : end - 1]))
+        if parsed is None:
+            return _UNCHANGED
+        verb, name = parsed
+        if name.startswith(SERVER_NAME_PREFIX):
+            if verb == "deallocate":
+                error = (codes.INVALID_SQL_STATEMENT_NAME,
+                         f'prepared statement "{name.decode(errors="replace")}" does not exist')
+            else:
+                error = (codes.RESERVED_NAME, f'prepared statement names beginning with '
+                         f'"{SERVER_NAME_PREFIX.decode()}" are reserved by the connection pooler')
+            return m.query(raise_sql(*error))
+        if verb == "deallocate" and name in self.stmts:
+            del self.stmts[name]
+            del server.pending[-1]
+            if server.pending:
+                server.pending.append(SYNTH_QUERY)
+                server.synth_replies.append(_DEALLOCATE_DONE)
+            else:
+                self.transport.write(server.synthetic_now(SYNTH_QUERY, _DEALLOCATE_DONE))
+            return b""
+        if verb == "deallocate all":
+            self.stmts.clear()  # and the server drops its own (the pooler notes DEALLOCATE ALL)
+        return _UNCHANGED
 
     # --- events from the server ---
 
@@ -765,6 +875,7 @@ class ClientConn(asyncio.Protocol):
         """Waiting for a server between transactions, with nothing half-read or half-written."""
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
                 and self._held is not None and not self._partial and not self._skip and not self._paused
+                and self._verify_hold is None
                 and not self.transport.get_write_buffer_size())
 
     def detach_socket(self) -> int:
@@ -827,6 +938,13 @@ WELCOME_CACHE = 64  # distinct startup-parameter sets per pool whose login reply
 _AUTH_OK = m.authentication(codes.AUTH_OK)
 _UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
 _CLOSE_UNNAMED = m.message(b"C", b"S\0")
+_HOLD = b"<hold>"  # sentinel: send the injected messages, hold the rest until they are answered
+_RAISED = b"<raised>"  # sentinel: the request was replaced by an error raised on the server
+_DEALLOCATE_DONE = m.message(b"C", b"DEALLOCATE\0")
+CACHED_PLAN_ERROR = "cached plan must not change result type"
+# As PostgreSQL words it, routine included: drivers (asyncpg) recognise it by that and re-prepare.
+_CACHED_PLAN_REPLY = m.message(b"E", b"SERROR\0VERROR\0C0A000\0M" + CACHED_PLAN_ERROR.encode()
+                               + b"\0Fplancache.c\0RRevalidateCachedQuery\0\0")
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 

@@ -7,12 +7,14 @@ parameter type OIDs), never by a hash alone, and gets a server-side name unique 
 from __future__ import annotations
 
 import itertools
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pgdoorman.protocol.messages import close_statement, parse_message
 
 _next_id = itertools.count(1)
+SERVER_NAME_PREFIX = b"PGDOORMAN_"  # server-side names; clients can neither reach nor take them
 
 
 @dataclass(slots=True, eq=False)
@@ -22,10 +24,16 @@ class Statement:
     parse_msg: bytes  # the Parse to send a server that lacks it
     close_msg: bytes
     confirmed: bool = False  # some server answered its Parse with ParseComplete
+    # What clients were told it returns: the (name, type, typmod) columns of the first
+    # RowDescription a client's Describe got (b"n": NoData); None until then.
+    shape: bytes | None = None
+    # Its result type changed under DDL ("cached plan must not change result type"): every use
+    # now fails as it would on the client's own connection, and a new Parse gets a new statement.
+    retired: bool = False
 
 
 def new_statement(key: bytes) -> Statement:
-    name = b"PGDOORMAN_%d" % next(_next_id)
+    name = SERVER_NAME_PREFIX + b"%d" % next(_next_id)
     return Statement(key, name, parse_message(name, key), close_statement(name))
 
 
@@ -58,10 +66,32 @@ class Registry:
             self._by_key.move_to_end(key)
         return stmt
 
+    def retire(self, stmt: Statement) -> None:
+        stmt.retired = True
+        if self._by_key.get(stmt.key) is stmt:
+            del self._by_key[stmt.key]
+
     def known(self, key: bytes) -> Statement | None:
         """The statement for key if a server has already prepared it successfully."""
         stmt = self._by_key.get(key)
         return stmt if stmt is not None and stmt.confirmed else None
+
+
+def row_shape(kind: int, body: bytes | bytearray) -> bytes:
+    """The part of a RowDescription (or NoData) that PostgreSQL's "cached plan must not change
+    result type" check compares: each column's name, type OID and typmod."""
+    if kind != 84:
+        return b"n"
+    count = int.from_bytes(body[0:2], "big")
+    pos, out = 2, bytearray(body[0:2])
+    for _ in range(count):
+        name_end = body.index(0, pos)
+        out += body[pos : name_end + 1]
+        pos = name_end + 1
+        out += body[pos + 6 : pos + 10]  # type OID (after table OID and column number)
+        out += body[pos + 12 : pos + 16]  # typmod (after typlen)
+        pos += 18
+    return bytes(out)
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -101,3 +131,27 @@ class ServerStatements:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+# DEALLOCATE [PREPARE] name | ALL, or PREPARE name ...: one statement, as psycopg sends it.
+_OWN_QUERY = re.compile(
+    rb'\s*(deallocate|prepare)\s+(?:(?<=deallocate\s)prepare\s+)?("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+    rb'\s*(.*?)\s*;?\s*', re.IGNORECASE | re.DOTALL)
+
+
+def parse_own_query(sql: bytes) -> tuple[str, bytes] | None:
+    """(verb, statement name as PostgreSQL resolves it) of a DEALLOCATE or PREPARE, with verb
+    "deallocate all" for DEALLOCATE ALL; None for anything else (the server judges it)."""
+    match = _OWN_QUERY.fullmatch(sql)
+    if match is None:
+        return None
+    verb, name, rest = match.group(1).lower().decode(), match.group(2), match.group(3)
+    if verb == "deallocate" and rest:
+        return None  # several statements, or not DEALLOCATE: the server's to judge
+    if name.startswith(b'"'):
+        name = name[1:-1].replace(b'""', b'"')
+    elif verb == "deallocate" and name.lower() == b"all":
+        return "deallocate all", b""
+    else:
+        name = name.lower()  # unquoted identifiers fold to lower case
+    return verb, name

@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
-from pgdoorman.prepared import ServerStatements, Statement
+from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
-    BIND_NAMED,
     COPY_END,
     DESCRIBE,
+    DESCRIBE_NAMED,
     EXECUTE,
+    HIDDEN_BIND,
     HIDDEN_CLOSE,
+    HIDDEN_DESCRIBE,
+    HIDDEN_EXECUTE,
     HIDDEN_PARSE,
     HIDDEN_QUERY,
     PARSE_NAMED,
@@ -36,8 +39,8 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNTH_CLOSE,
     SYNTH_DUE,
-    SYNTH_ERROR,
     SYNTH_PARSE,
+    SYNTH_QUERY,
     scan_replies,
 )
 from pgdoorman.protocol.state import HAS_REF, ServerState
@@ -54,6 +57,24 @@ SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
 _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
 _CACHED_PLAN_MSG = b"cached plan must not change result type"
+# ServerConn.raise_error: a one-shot statement of the pooler's (closed first: a previous one may
+# still be there, its Close skipped after its own error).
+_FLUSH = m.message(b"H")
+_RAISE_NAME = b"PGDOORMAN_raise"
+_RAISE_CLOSE = m.close_statement(_RAISE_NAME)
+_RAISE_BIND_EXECUTE = m.message(b"B", _RAISE_NAME.join((b"\0", b"\0\0\0\0\0\0\0"))) + m.message(
+    b"E", b"\0\0\0\0\0")
+_RAISE_KINDS = bytes((HIDDEN_CLOSE, HIDDEN_PARSE, HIDDEN_BIND, HIDDEN_EXECUTE))
+
+
+def raise_sql(code: str, text: str) -> str:
+    """A statement that fails with exactly this SQLSTATE and message."""
+    return (f"DO $pgdoorman$BEGIN RAISE EXCEPTION USING ERRCODE = {m.quote_literal(code)}, "
+            f"MESSAGE = {m.quote_literal(text)}; END$pgdoorman$")
+_STATUS_FAILED = 69  # 'E'
+_IN_FAILED_TRANSACTION = m.error_response(
+    codes.IN_FAILED_SQL_TRANSACTION,
+    "current transaction is aborted, commands ignored until end of transaction block")
 # After a client's SET in transaction mode: back to the login defaults. RESET ALL leaves the role.
 RESET_SETTINGS = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
@@ -84,6 +105,7 @@ class ClientLink(Protocol):
     def on_server_lost(self, server: ServerConn, reason: str) -> None: ...
     def on_parameter_status(self, name: str, value: str) -> None: ...
     def on_statements_discarded(self) -> None: ...
+    def on_verified(self, failed: bool) -> None: ...
 
 
 class ServerError(Exception):
@@ -96,7 +118,8 @@ class ServerError(Exception):
 
 class ServerConn(ServerState, asyncio.Protocol):
     __slots__ = (
-        "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "backend_key", "backend_pid",
+        "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "_synth_z", "backend_key",
+        "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
         "on_idle", "params", "parked", "pool", "ready", "refuse_transactions",
         "session_reset", "statements", "tracked", "transport",
@@ -132,6 +155,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         self._partial: bytes | bytearray = b""  # an incomplete message the pooler must see whole
         self._need = 0  # the length _partial must reach before it is scanned
         self._skip = 0
+        self._synth_z = -1  # status of a ReadyForQuery the pooler just answered itself (SYNTH_QUERY)
 
     # --- handshake ---
 
@@ -285,6 +309,10 @@ class ServerConn(ServerState, asyncio.Protocol):
         else:
             out += data[copied:pos]
             payload = out
+        if self._synth_z >= 0:
+            if not pending and ready < 0:
+                ready = self._synth_z
+            self._synth_z = -1
         if ready >= 0 and ready != _STATUS_IDLE and self.refuse_transactions:
             payload = b""  # statement mode: the client gets only the error, its session ends
         client = self.client
@@ -307,6 +335,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         head = pending[0]
         hide = head == HIDDEN_QUERY
         popped = False
+        extra = b""
         if kind == _Z:
             # The scanner stops here when the oldest owed is not the Query/Sync this answers:
             # the requests before it were skipped after an error (state.settle_ready).
@@ -324,6 +353,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         elif kind == 50:  # BindComplete
             del pending[0]
             popped = True
+            hide = head == HIDDEN_BIND
             if head in HAS_REF:
                 self.refs.popleft()
         elif kind == 51:  # CloseComplete
@@ -334,6 +364,13 @@ class ServerConn(ServerState, asyncio.Protocol):
             if head == DESCRIBE:
                 del pending[0]
                 popped = True
+            elif head == DESCRIBE_NAMED or head == HIDDEN_DESCRIBE:
+                del pending[0]
+                popped = True
+                hide = head == HIDDEN_DESCRIBE
+                self._described(self.refs.popleft(), row_shape(kind, data[pos + 5 : end]), hide)
+        elif kind == 116:  # ParameterDescription (then RowDescription/NoData)
+            hide = head == HIDDEN_DESCRIBE
         elif kind == 67 or kind == 73 or kind == 115:  # CommandComplete / EmptyQuery / Suspended
             if head == EXECUTE:
                 del pending[0]
@@ -341,6 +378,11 @@ class ServerConn(ServerState, asyncio.Protocol):
             if kind == 67:
                 self._command_tag(data[pos + 5 : end - 1], hide)
         elif kind == _E:
+            if head == HIDDEN_BIND or head == HIDDEN_EXECUTE or (
+                    head == HIDDEN_PARSE and self.refs[0] is None):
+                reply = self.raised[0]  # raise_error's: shown as the pooler words it, if it does
+                if reply is not None:
+                    hide, extra = True, reply
             popped = self._error(head, data[pos + 5 : end])
         elif kind == 71:  # CopyInResponse
             self.copy_in_started()
@@ -348,7 +390,9 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.doubt = "unexpected CopyBothResponse"
         elif kind == _S:
             self._parameter_status(data[pos + 5 : end], hide)
-        return hide, self._drain_synthetic() if popped else b""
+        if popped:
+            extra += self._drain_synthetic()
+        return hide, extra
 
     def _drain_synthetic(self) -> bytes:
         """The replies the pooler owes itself, now due (they are the oldest owed)."""
@@ -357,11 +401,38 @@ class ServerConn(ServerState, asyncio.Protocol):
         while pending and pending[0] >= SYNTH_PARSE:
             kind = pending[0]
             del pending[0]
-            if kind == SYNTH_ERROR:
-                extra += self.synth_errors.popleft()
+            if kind == SYNTH_QUERY:
+                extra += self._synthetic_query(self.synth_replies.popleft())
             elif kind != COPY_END:  # a CopyDone/CopyFail marker: owed nothing
                 extra += SYNTH_REPLY[kind]
         return extra
+
+    def _synthetic_query(self, reply: bytes) -> bytes:
+        """The pooler's answer to a simple Query, as PostgreSQL would give it now (status is
+        current: everything before it has been answered)."""
+        if self.status == _STATUS_FAILED:
+            reply = _IN_FAILED_TRANSACTION
+        self._synth_z = self.status
+        return reply + m.ready_for_query(bytes((self.status,)))
+
+    def synthetic_now(self, kind: int, reply: bytes = b"") -> bytes:
+        """A synthetic reply due at once (nothing owed before it)."""
+        if kind == SYNTH_QUERY:
+            out = self._synthetic_query(reply)
+            self._synth_z = -1
+            return out
+        return SYNTH_REPLY[kind]
+
+    def _described(self, stmt: Statement, shape: bytes, hidden: bool) -> None:
+        if stmt.shape is None:
+            stmt.shape = shape
+        elif hidden and shape != stmt.shape and not stmt.retired:
+            # Re-prepared here after DDL changed its result: clients that were told the old
+            # shape must get PostgreSQL's error, never rows of another shape.
+            log.info("%s: statement %s changed result type: retired", self.id, stmt.server_name.decode())
+            self.pool.registry.retire(stmt)
+        if hidden and self.client is not None:
+            self.client.on_verified(False)
 
     def _emit(self, data: bytes | bytearray) -> None:
         client = self.client
@@ -411,15 +482,21 @@ class ServerConn(ServerState, asyncio.Protocol):
                 self.hidden_error = fields
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
             return False
-        if head == BIND_NAMED:
+        if head in HAS_REF and _CACHED_PLAN_MSG in body:
+            # DDL changed its result type: from now on every use fails as on the client's own
+            # connection, and the next Parse of that query makes a new statement.
             ref = self.refs[0]
-            if ref is not None and _CACHED_PLAN_MSG in body:
-                # The plan went stale after DDL: forget it here so the next use re-prepares.
-                self.statements.discard(ref)
-                self.statements.stale.add(ref)
+            if ref is not None and not ref.retired:
+                log.info("%s: statement %s changed result type: retired", self.id,
+                         ref.server_name.decode())
+                self.pool.registry.retire(ref)
+        verifying = False
         for kind, ref in self.skip_to_sync():
-            if ref is not None and kind != BIND_NAMED:
+            if ref is not None and (kind == PARSE_NAMED or kind == HIDDEN_PARSE):
                 self.statements.discard(ref)  # its Parse never ran
+            verifying = verifying or kind == HIDDEN_DESCRIBE
+        if verifying and self.client is not None:
+            self.client.on_verified(True)
         return True
 
     # --- used by the client and the pool ---
@@ -441,6 +518,26 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.pending.append(HIDDEN_PARSE if hidden else PARSE_NAMED)
         self.refs.append(stmt)
         stats.server_parses += 1
+
+    def describe_hidden(self, stmt: Statement, out: bytearray) -> None:
+        """Append a hidden Describe of stmt and a Flush: its reply checks the shape clients were
+        told (see _described), and arrives without waiting for the client's Sync."""
+        out += m.message(b"D", b"S" + stmt.server_name + b"\0")
+        out += _FLUSH
+        self.pending.append(HIDDEN_DESCRIBE)
+        self.refs.append(stmt)
+
+    def raise_error(self, out: bytearray, code: str, text: str, reply: bytes | None = None) -> None:
+        """Append to out the extended-protocol messages that make PostgreSQL itself raise this
+        error here, so the server's state follows as for any error (the transaction fails, the
+        rest of the batch is skipped until Sync). Only the ErrorResponse reaches the client: the
+        server's, or `reply` instead where its exact fields matter."""
+        self.raised.append(reply)
+        out += _RAISE_CLOSE
+        out += m.parse_message(_RAISE_NAME, m.cstr(raise_sql(code, text)) + b"\0\0")
+        out += _RAISE_BIND_EXECUTE
+        self.pending += _RAISE_KINDS
+        self.refs.append(None)  # HIDDEN_PARSE carries a ref
 
     def send_hidden(self, sql: str) -> None:
         """Run the pooler's own query; all of its replies are hidden."""

@@ -50,7 +50,7 @@ def test_scan_requests_twins(data, cut, pending, check_names, max_len):
 
 @needs_compiled
 @settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
-@given(streams, st.integers(0, 3), st.lists(st.integers(1, 16), max_size=8).map(bytes))
+@given(streams, st.integers(0, 3), st.lists(st.integers(1, 24), max_size=8).map(bytes))
 def test_scan_replies_twins(data, cut, pending):
     data = data[: max(0, len(data) - cut)]
     py_pending, c_pending = bytearray(pending), bytearray(pending)

@@ -6,11 +6,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <strings.h>
 
 enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
 enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
-#define SYNTH_PARSE 13
-#define COPY_END 15
+#define SYNTH_PARSE 20
+#define COPY_END 22
 enum { NAMES_PLAIN = 0, NAMES_MAPPED = 1, NAMES_GUARDED = 2 };
 
 static inline uint32_t be32(const unsigned char *p)
@@ -196,6 +197,13 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
         unsigned char add = 0;
         switch (kind) {
         case 'Q':
+            /* SQL DEALLOCATE / PREPARE: the pooler looks at them (see scan.py) */
+            if (check_names && length >= 11 && data[pos + 5] && strchr("DdPp", data[pos + 5]) &&
+                ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
+                 (length >= 11 && !strncasecmp((const char *)data + pos + 5, "prepare", 7))))
+                result = SPECIAL;
+            add = QUERY;
+            break;
         case 'F':
             add = QUERY;
             break;

@@ -25,11 +25,16 @@ HIDDEN_PARSE = 9  # Parse injected before a Bind/Describe: ParseComplete hidden
 HIDDEN_CLOSE = 10  # eviction: CloseComplete hidden
 PARSE_NAMED = 11  # rewritten client Parse (has a ref)
 BIND_NAMED = 12  # rewritten client Bind (has a ref)
-SYNTH_PARSE = 13  # client Parse of a statement the server has: pooler answers ParseComplete
-SYNTH_CLOSE = 14  # client Close of a statement: pooler answers CloseComplete
-COPY_END = 15  # client CopyDone/CopyFail: no reply; marks where the Syncs PostgreSQL ignores end
-SYNTH_ERROR = 16  # the pooler answers an ErrorResponse of its own (ServerConn.synth_errors)
-# From SYNTH_PARSE on, a kind is "due" as soon as everything before it is answered.
+DESCRIBE_NAMED = 13  # client Describe of a mapped statement (has a ref): its shape is recorded
+HIDDEN_DESCRIBE = 14  # the pooler checks a re-prepared statement's shape (has a ref); all hidden
+HIDDEN_BIND = 15  # the pooler's Bind/Execute that raises an error on the server (BindComplete
+HIDDEN_EXECUTE = 16  # hidden; the error itself goes to the client): see ServerConn.raise_error
+# From SYNTH_PARSE on, a kind is "due" as soon as everything before it is answered: the pooler
+# answers it itself, in order.
+SYNTH_PARSE = 20  # client Parse of a statement the server has: pooler answers ParseComplete
+SYNTH_CLOSE = 21  # client Close of a statement: pooler answers CloseComplete
+COPY_END = 22  # client CopyDone/CopyFail: no reply; marks where the Syncs PostgreSQL ignores end
+SYNTH_QUERY = 23  # a simple Query the pooler answers (ServerConn.synth_replies), then ReadyForQuery
 
 # check_names modes of scan_requests
 NAMES_PLAIN = 0  # session mode: names pass unchanged
@@ -47,6 +52,9 @@ _unpack_len = struct.Struct("!I").unpack_from
 _WHOLE = frozenset(b"PBDCX")  # requests read whole (names); others may be streamed
 _PLAIN_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC, 68: DESCRIBE, 67: CLOSE}
 _STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from their first byte
+# Simple queries the pooler reads itself where statements are mapped: SQL DEALLOCATE of a
+# client's protocol-level statement, and PREPARE/DEALLOCATE of the pooler's own names.
+_OWN_QUERY_PREFIXES = (b"deallocate", b"prepare")
 # CommandComplete tags of statements that change session state a later client could see.
 _SESSION_TAGS = frozenset((b"SET\0", b"LISTEN\0", b"PREPARE\0"))
 
@@ -130,6 +138,9 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
             if check_names and (data[name_at] != 0 or check_names == NAMES_GUARDED):
                 return pos, SPECIAL, 0
             pending.append(BIND)
+        elif kind == 81 and check_names and length >= 11 and data[pos + 5] in b"DdPp" \
+                and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES):
+            return pos, SPECIAL, 0
         elif kind in _PLAIN_REQUEST:
             if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \
                     and (data[pos + 6] != 0 or (kind == 68 and check_names == NAMES_GUARDED)):

@@ -18,25 +18,28 @@ from typing import Any
 from pgdoorman.protocol.scan import (
     BIND_NAMED,
     COPY_END,
+    DESCRIBE_NAMED,
+    HIDDEN_DESCRIBE,
+    HIDDEN_EXECUTE,
     HIDDEN_PARSE,
     HIDDEN_QUERY,
     PARSE,
     PARSE_NAMED,
     QUERY,
     SYNC,
-    SYNTH_ERROR,
+    SYNTH_QUERY,
 )
 
 STATUS_IDLE = 73  # 'I'
-HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED)
+HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED, DESCRIBE_NAMED, HIDDEN_DESCRIBE)
 _READY_KINDS = (QUERY, SYNC, HIDDEN_QUERY)  # requests answered by ReadyForQuery
 
 
 class ServerState:
     """Mixed into ServerConn: the protocol state of one server connection."""
 
-    __slots__ = ("copy_in", "doubt", "pending", "refs", "status", "synth_errors", "unnamed_owner",
-                 "unsynced")
+    __slots__ = ("copy_in", "doubt", "pending", "raised", "refs", "status", "synth_replies",
+                 "unnamed_owner", "unsynced")
 
     def init_state(self) -> None:
         self.pending = bytearray()
@@ -52,7 +55,11 @@ class ServerState:
         self.doubt = ""
         # The client whose Parse of the unnamed statement is the one on this server (or None).
         self.unnamed_owner: object | None = None
-        self.synth_errors: deque[bytes] = deque()  # ErrorResponses the pooler owes (SYNTH_ERROR)
+        # The replies of the pooler's own that SYNTH_QUERY entries stand for, in order.
+        self.synth_replies: deque[bytes] = deque()
+        # ServerConn.raise_error: the ErrorResponse to show for each raise (None: the server's),
+        # one per HIDDEN_EXECUTE in pending.
+        self.raised: deque[bytes | None] = deque()
 
     # --- whether the server may be lent ---
 
@@ -152,8 +159,10 @@ class ServerState:
         ref = None
         if kind in HAS_REF:
             ref = self.refs.popleft()
-        elif kind == SYNTH_ERROR:
-            self.synth_errors.popleft()
+        elif kind == SYNTH_QUERY:
+            self.synth_replies.popleft()
+        elif kind == HIDDEN_EXECUTE:
+            self.raised.popleft()
         elif kind == PARSE:
             self.unnamed_owner = None  # that Parse never ran: the old unnamed statement is there
         return kind, ref
