@@ -4,8 +4,8 @@ with the fewest clients, over a unix socket (SCM_RIGHTS); the worker does everyt
 Accepting costs the acceptor one accept(), one sendmsg() and one close() per connection: it reads
 nothing. A worker that finds a client is not its own sends it back with what it read, to be routed
 by that (a "reroute"): a client of a pool the worker has no share of (`config.pool_share`: a pool
-smaller than the number of workers), or a CancelRequest for a key another worker issued (its pid
-part is ≡ worker mod workers, or it moved: see _moved_keys).
+smaller than the number of workers), or a CancelRequest for a key another worker issued (its secret
+key is ≡ worker mod workers, or it moved: see _moved_keys).
 
 The acceptor also enforces max_client_conn over all workers, moves waiting clients between workers
 when one has free servers or much shorter waits (from their LOAD reports), restarts a worker that
@@ -127,7 +127,7 @@ class Acceptor:
         target: Worker | None = None
         if cancel_key is not None:
             pid, key = cancel_key
-            target = self._moved_keys.get((pid, key)) or self.workers[pid % len(self.workers)]
+            target = self._moved_keys.get((pid, key)) or self.workers[key % len(self.workers)]
         else:
             capable = self._capable.get((database, user))
             if capable:
@@ -204,7 +204,7 @@ class Acceptor:
         to = self.workers[state["to"]]
         source.clients = max(0, source.clients - 1)
         pid, key = state["cancel_key"]
-        if pid % len(self.workers) == to.index:
+        if key % len(self.workers) == to.index:
             self._moved_keys.pop((pid, key), None)
         else:
             self._moved_keys[(pid, key)] = to

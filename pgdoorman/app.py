@@ -13,6 +13,7 @@ from collections.abc import Callable
 from functools import partial
 
 from pgdoorman import channel, ids
+from pgdoorman.auth import auth_key
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import Config, pool_keys, pool_share
@@ -34,6 +35,9 @@ class App:
         self.config = config
         ids.configure(worker, workers)
         self.cancels = CancelRegistry(worker, workers)
+        # Salts of mock and plain-password SCRAM exchanges (auth/mock.py): the same in every worker.
+        self.auth_key = auth_key(secret for pool in config.pools.values() for user in pool.users.values()
+                                 for secret in (user.password, user.server_password) if secret)
         self.clients: set[ClientConn] = set()
         self.pools: dict[tuple[str, str], Pool] = {}
         for index, (db, user) in enumerate(pool_keys(config)):
@@ -70,7 +74,7 @@ class App:
                 if self._closed_unreported >= CLOSE_NOTE_BATCH:
                     self._report_closed()  # else on the next tick: one message, one wake-up
                 # A key another worker issued: the client moved here ((0, 0): it never logged in).
-                if client.cancel_key != (0, 0) and client.cancel_key[0] % self._workers != self._worker:
+                if client.cancel_key != (0, 0) and client.cancel_key[1] % self._workers != self._worker:
                     try:
                         channel.send(self._channel, channel.pack(channel.KEY_GONE, client.cancel_key))
                     except OSError:

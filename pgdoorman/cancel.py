@@ -20,36 +20,49 @@ CANCEL_TIMEOUT = 5.0
 
 
 class CancelRegistry:
+    """Cancel keys this worker issued (or adopted), by their secret part.
+
+    The secret key is ≡ worker (mod workers): the acceptor routes a CancelRequest by it. The pid
+    part is the client's real backend pid in session mode (drivers compare it with
+    pg_backend_pid() and NotificationResponse pids), else a number of the pooler's (then ≡ worker
+    too, so that a pid tells the worker in logs and tests).
+    """
+
     def __init__(self, worker: int = 0, workers: int = 1) -> None:
-        # The key's pid part is ≡ worker (mod workers): the acceptor routes a CancelRequest by it.
         self._worker = worker
         self._workers = workers
-        self._clients: dict[tuple[int, int], ClientConn] = {}
+        self._clients: dict[int, ClientConn] = {}  # secret key -> client
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def register(self, client: ClientConn) -> tuple[int, int]:
+    def register(self, client: ClientConn, pid: int = 0) -> tuple[int, int]:
+        """A new (pid, key) for client; pid: its backend's, or 0 for one of the pooler's."""
+        workers, worker = self._workers, self._worker
         while True:
             raw_pid, raw_key = _two_u32(secrets.token_bytes(8))
-            pid = (raw_pid >> 2) // self._workers * self._workers + self._worker  # 30 bits, then ≡
-            key = (pid, (raw_key >> 1) - (1 << 30))
+            key = ((raw_key >> 1) - (1 << 30)) // workers * workers + worker  # 31 bits, then ≡
             if key not in self._clients:
-                self._clients[key] = client
-                return key
+                break
+        if not pid:
+            pid = (raw_pid >> 2) // workers * workers + worker or workers  # positive, like a pid
+        self._clients[key] = client
+        return pid, key
 
     def known(self, pid: int, key: int) -> bool:
-        return (pid, key) in self._clients
+        client = self._clients.get(key)
+        return client is not None and client.cancel_key == (pid, key)
 
     def adopt(self, client: ClientConn) -> None:
         """A client moved here from another worker keeps the key it was given there."""
-        self._clients[client.cancel_key] = client
+        self._clients[client.cancel_key[1]] = client
 
     def unregister(self, client: ClientConn) -> None:
-        if self._clients.get(client.cancel_key) is client:
-            del self._clients[client.cancel_key]
+        key = client.cancel_key[1]
+        if self._clients.get(key) is client:
+            del self._clients[key]
 
     def forward(self, pid: int, key: int) -> None:
-        client = self._clients.get((pid, key))
-        if client is None:
+        client = self._clients.get(key)
+        if client is None or client.cancel_key[0] != pid:
             log.info("cancel request with unknown key ignored")
             return
         server = client.server

@@ -10,8 +10,35 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
-from pgdoorman.auth import AuthFailed, ScramServer, StoredSecret, md5_verify, parse_secret
-from pgdoorman.prepared import SERVER_NAME_PREFIX, Statement, parse_own_query
+from pgdoorman.auth import (
+    UNKNOWN,
+    AuthFailed,
+    ScramServer,
+    StoredSecret,
+    md5_verify,
+    mock_method,
+    mock_scram,
+    parse_secret,
+    plain_salt,
+)
+from pgdoorman.frontend.settings import (
+    Probe,
+    Refused,
+    Welcome,
+    cached_welcome,
+    check_replication,
+    followed,
+    replay_sql,
+    split_local,
+    startup_settings,
+)
+from pgdoorman.prepared import (
+    PREPARE_RESERVED,
+    SERVER_NAME_PREFIX,
+    Statement,
+    guard_server_names,
+    parse_own_query,
+)
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
@@ -36,15 +63,16 @@ from pgdoorman.protocol.scan import (
 )
 from pgdoorman.server import (
     SYNTH_REPLY,
-    TRACKED_PARAMS,
     ServerConn,
-    raise_sql,
     tracked_values,
     with_tracked,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from pgdoorman.app import App
+    from pgdoorman.config import UserConfig
     from pgdoorman.pool import Pool
 
 log = logging.getLogger("pgdoorman.client")
@@ -56,18 +84,16 @@ STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
 
-_TRACKED_LOWER = {p.lower(): p for p in TRACKED_PARAMS}
-
 
 class ClientConn(asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
         "_auth_kind", "_buf", "_held", "_max_message", "_need", "_partial", "_paused", "_reset_always",
         "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_terminating",
-        "_timer", "_verify_hold", "_hold_prefix", "_no_verify",
+        "_timer", "_verify_hold", "_hold_prefix", "_no_verify", "_drop", "_dropping",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
         "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
-        "stmts", "tracked",
+        "stmts", "tracked", "settings", "_asked",
         "transport", "wait_since", "waiting",
     )
 
@@ -87,6 +113,8 @@ class ClientConn(asyncio.Protocol):
         self.waiting = False
         self.params: dict[str, str] = {}  # the values this client believes its session has
         self.tracked: tuple[str | None, ...] = ()  # its TRACKED_PARAMS values
+        self.settings: tuple[tuple[str, str], ...] = ()  # its other settings (frontend/settings.py)
+        self._asked: list[tuple[str, str]] = []  # the settings its startup packet asks for
         self.stmts: dict[bytes, Statement] = {}  # client's statement name -> shared statement
         self.cancel_key: tuple[int, int] = (0, 0)
         self.connected_at = time.monotonic()
@@ -109,6 +137,8 @@ class ClientConn(asyncio.Protocol):
         self._verify_hold: bytearray | None = None
         self._hold_prefix = b""
         self._no_verify = False
+        self._drop = 0  # bytes of a replaced request still to come: dropped
+        self._dropping = False
         self._timer: asyncio.TimerHandle | None = None  # login timeout
         self._paused = False
         self.wait_since = 0.0  # set by the pool while waiting for a server
@@ -180,6 +210,11 @@ class ClientConn(asyncio.Protocol):
 
     def _login_input(self) -> None:
         buf = self._buf
+        if self.state == WAIT_LOGIN:  # requests sent before the login reply: kept for _welcome
+            if len(buf) > HOLD_LIMIT and not self._paused:
+                self._paused = True
+                self.transport.pause_reading()
+            return
         while self.state in (STARTUP, AUTH):
             if self.state == STARTUP:
                 if len(buf) < 4:
@@ -240,10 +275,15 @@ class ClientConn(asyncio.Protocol):
         if self.app.over_client_limit():
             self.fatal(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
             return
+        try:
+            check_replication(params.get("replication"))
+        except Refused as exc:
+            self._refuse(exc)
+            return
         self.peer = f"{database}/{user}@{self.peer}"
         pool_cfg = self.app.config.pools.get(database)
         if pool_cfg is None:
-            self.fatal(codes.INVALID_CATALOG_NAME, f'database "{database}" does not exist')
+            self._mock_auth(u for p in self.app.config.pools.values() for u in p.users.values())
             return
         pool = self.app.pool_for(database, user)
         if pool is not None and pool.pool_size == 0 and not self._rerouted:
@@ -251,7 +291,7 @@ class ClientConn(asyncio.Protocol):
             if self.app.reroute(self, raw, database, user, None):
                 return
         if pool is None:
-            self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+            self._mock_auth(pool_cfg.users.values())
             return
         self._join(pool)
         self._begin_auth(parse_secret(pool.user_cfg.password, user))
@@ -263,18 +303,32 @@ class ClientConn(asyncio.Protocol):
         self._rewrite = pool.mode != SESSION and pool.prepared_enabled
         self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
 
-    def _begin_auth(self, secret: StoredSecret) -> None:
+    def _mock_auth(self, users: Iterable[UserConfig]) -> None:
+        """A database or user the pooler does not know: the exchange a known user of that database
+        gets, then 28P01 as for a wrong password ("does not exist" would tell which names exist)."""
+        log.info("%s: %s: unknown database or user: mock authentication", self.id, self.peer)
+        self._begin_auth(UNKNOWN, mock_method(parse_secret(u.password, u.username).kind for u in users))
+
+    def _begin_auth(self, secret: StoredSecret, method: str = "") -> None:
+        """method: what to ask for (default: what the secret needs); UNKNOWN never authenticates."""
         self._secret = secret
         self.state = AUTH
-        if secret.kind == "trust":
+        method = method or secret.kind
+        if method == "trust":
             self._auth_ok()
-        elif secret.kind == "md5":
+        elif method == "md5":
             self._auth_kind = "md5"
             self._salt = os.urandom(4)
             self.transport.write(m.authentication(codes.AUTH_MD5, self._salt))
         else:  # SCRAM for verifiers and for plain-text secrets
             self._auth_kind = "scram"
-            self._scram = ScramServer(secret)
+            user, key = self._startup.get("user", ""), self.app.auth_key
+            if secret is UNKNOWN:
+                self._scram = mock_scram(key, user)
+            elif secret.plain is not None:  # a stable salt, as a stored verifier has
+                self._scram = ScramServer(secret, salt=plain_salt(key, user, secret.plain))
+            else:
+                self._scram = ScramServer(secret)
             self.transport.write(m.authentication(codes.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
 
     def _auth_response(self, body: bytes) -> None:
@@ -305,40 +359,37 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
 
     def _auth_ok(self) -> None:
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
         self.state = WAIT_LOGIN
-        if self.mode == SESSION or self.pool.server_params is None:
-            # Session mode keeps a server for the whole session; otherwise one server must have
-            # told us the ParameterStatus set clients expect.
+        try:
+            self._asked = startup_settings(self._startup)
+        except Refused as exc:  # PostgreSQL too refuses them once the client is authenticated
             self.transport.write(_AUTH_OK)
-            server = self.pool.acquire(self)
+            self._refuse(exc)
+            return
+        welcome = None if self.mode == SESSION else cached_welcome(pool, self._asked)
+        if welcome is None:
+            # Session mode keeps a server for the whole session; otherwise a server must first tell
+            # us the ParameterStatus values clients expect, or judge new startup settings.
+            self.transport.write(_AUTH_OK)
+            server = pool.acquire(self)
             if server is not None:
                 self.assign(server)
         else:
-            self._welcome(_AUTH_OK)  # one write for the whole login reply
+            self._welcome(welcome, _AUTH_OK)  # one write for the whole login reply
+            if self._held is not None:
+                self._need_server()
 
-    def _welcome(self, prefix: bytes = b"") -> None:
-        pool = self.pool
-        assert pool is not None and pool.server_params is not None
-        overrides = tuple((name, value) for key, value in self._startup.items()
-                          if (name := _TRACKED_LOWER.get(key.lower())) is not None)
-        # Clients of a pool mostly send the same startup values: build their ParameterStatus once.
-        welcome = pool.welcomes.get(overrides)
-        if welcome is None:
-            params = dict(pool.server_params)
-            params.update(overrides)
-            if not any(name == "application_name" for name, _ in overrides):
-                params["application_name"] = pool.application_name
-            block = b"".join(m.parameter_status(name, value) for name, value in params.items())
-            welcome = (params, tracked_values(params), block)
-            if len(pool.welcomes) >= WELCOME_CACHE:
-                pool.welcomes.clear()
-            pool.welcomes[overrides] = welcome
-        params, self.tracked, block = welcome
-        self.params = dict(params)  # the client's own: ParameterStatus updates it
+    def _welcome(self, welcome: Welcome, prefix: bytes = b"", pid: int = 0) -> None:
+        """Send the login reply. pid: the client's own backend in session mode, else 0 (the pooler
+        picks one). What the client sent after its last login message is then held for a server."""
+        self.params = dict(welcome.params)  # the client's own: ParameterStatus updates it
+        self.tracked = welcome.tracked
+        self.settings = welcome.settings
         out = bytearray(prefix)
-        out += block
-        self.cancel_key = self.app.cancels.register(self)
+        out += welcome.block
+        self.cancel_key = self.app.cancels.register(self, pid)
         out += m.backend_key_data(*self.cancel_key)
         out += m.ready_for_query(b"I")
         self._cancel_timer()
@@ -346,6 +397,28 @@ class ClientConn(asyncio.Protocol):
         self.transport.write(out)
         if self.app.config.general.log_client_connections:
             log.info("%s: %s login ok (%s mode)", self.id, self.peer, self.mode)
+        if self._buf and False:
+            self._held = bytes(self._buf)
+            self._buf.clear()
+        if self._paused:  # paused while logging in; the relay pauses again if it must
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _probe_done(self, server: ServerConn, refused: Refused | None) -> None:
+        """PostgreSQL has judged this client's startup settings on server (frontend/settings.py)."""
+        assert self.pool is not None
+        if refused is not None or self.state != WAIT_LOGIN:
+            self.pool.release(server)
+            if refused is not None:
+                self._refuse(refused)
+            return
+        self.assign(server)  # the pool's cache knows these settings now
+
+    def _probe_lost(self, reason: str) -> None:
+        self.fatal(codes.CONNECTION_FAILURE, f"server connection lost: {reason}")
+
+    def _refuse(self, refused: Refused) -> None:
+        self.fatal(refused.code, refused.message, refused.detail, refused.hint)
 
     def _login_timeout(self) -> None:
         self._timer = None
@@ -417,24 +490,27 @@ class ClientConn(asyncio.Protocol):
 
     def assign(self, server: ServerConn) -> None:
         """The pool lends us a server: replay settings, then forward what the client sent."""
-        if self._timer is not None:
-            self._cancel_timer()
+        pool = self.pool
+        assert pool is not None
         if self.state == CLOSED:
-            assert self.pool is not None
-            self.pool.release(server)
+            pool.release(server)
             return
+        if self.state == WAIT_LOGIN:
+            welcome = cached_welcome(pool, self._asked)
+            if welcome is None:  # PostgreSQL judges the startup settings first, on this server
+                Probe(server, split_local(self._asked)[0], self._probe_done, self._probe_lost)
+                return
+            if self.mode != SESSION:
+                pool.release(server)  # the login only needed the pool's ParameterStatus values
+                self._welcome(welcome)
+                if self._held is not None:
+                    self._need_server()
+                return
+            self._welcome(welcome, pid=server.backend_pid)
         self.server = server
         server.client = self
         server.refuse_transactions = self.mode == STATEMENT
-        if self.state == WAIT_LOGIN:
-            if self.mode != SESSION:
-                self.server = None
-                server.client = None
-                self.pool.release(server)  # type: ignore[union-attr]
-            self._welcome()
-            if self.server is None:
-                return
-        if server.tracked != self.tracked:
+        if server.tracked != self.tracked or server.settings != self.settings or server.hidden_error:
             self._sync_params(server)
         held, self._held = self._held, None
         if self._paused:
@@ -444,15 +520,9 @@ class ClientConn(asyncio.Protocol):
             self._forward(held, server)
 
     def _sync_params(self, server: ServerConn) -> None:
-        if server.tracked == self.tracked:
-            return
-        sets = [
-            f"SET {m.quote_ident(name)} TO {m.quote_literal(mine)}"
-            for name, mine, theirs in zip(TRACKED_PARAMS, self.tracked, server.tracked, strict=True)
-            if mine is not None and mine != theirs
-        ]
-        if sets:
-            server.send_hidden(";".join(sets))
+        sql = replay_sql(self.tracked, self.settings, server)
+        if sql:
+            server.send_hidden(sql)
 
     # --- relaying requests ---
 
@@ -472,6 +542,11 @@ class ClientConn(asyncio.Protocol):
             if len(partial) < self._need:
                 return
             data, self._partial = partial, b""
+        if self._drop:  # the rest of a request the pooler replaced with an error
+            if self._drop >= len(data):
+                self._drop -= len(data)
+                return
+            data, self._drop = data[self._drop :], 0
         n = len(data)
         pos = self._skip
         transport = server.transport
@@ -524,6 +599,14 @@ class ClientConn(asyncio.Protocol):
                     out += replaced
                     copied = end
                 pos = end
+                if end > n:  # a Bind too large for one read: the rest streams (or is dropped)
+                    if self._dropping:
+                        self._dropping, self._drop = False, end - n
+                    else:
+                        self._skip = end - n
+                    pos = copied = n
+                    break
+                self._dropping = False
                 continue
             if result == BAD_LENGTH:
                 length = _unpack_len(data, pos + 1)[0]
@@ -613,7 +696,7 @@ class ClientConn(asyncio.Protocol):
         """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
         if server.pending:
             server.pending.append(kind)
-        else:
+        elif not server.skipping:  # else PostgreSQL would skip the request: no reply
             self.transport.write(SYNTH_REPLY[kind])
 
     def _parse(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
@@ -675,9 +758,11 @@ class ClientConn(asyncio.Protocol):
         server.refs.append(stmt)
         assert self.pool is not None
         self.pool.registry.stats.binds += 1
-        body = data[pos + 5 : name_at] + stmt.server_name + data[name_end:end]
-        out += _pack_hdr(b"B", len(body) + 4)
-        out += body
+        # end may lie beyond data (a large Bind, streamed): the length is the whole message's.
+        out += _pack_hdr(b"B", 4 + (name_at - pos - 5) + len(stmt.server_name) + (end - name_end))
+        out += data[pos + 5 : name_at]
+        out += stmt.server_name
+        out += data[name_end:end]
         return bytes(out)
 
     def _describe(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes | None:
@@ -697,7 +782,8 @@ class ClientConn(asyncio.Protocol):
         if outcome is _HOLD:
             self._hold_prefix = bytes(out)
             return _HOLD
-        return bytes(out)  # _RAISED: the error instead of the request
+        self._dropping = True  # _RAISED: the error instead of the request, all of it
+        return bytes(out)
 
     def on_verified(self, failed: bool) -> None:
         """The hidden Describe of a re-prepared statement was answered (failed: its Parse failed
@@ -720,25 +806,26 @@ class ClientConn(asyncio.Protocol):
         client's protocol-level names are the pooler's to deallocate, and the pooler's own
         server-side names are no client's."""
         server.pending.append(QUERY)
-        parsed = parse_own_query(bytes(data[pos + 5 : end - 1]))
+        sql = bytes(data[pos + 5 : end - 1])
+        parsed = parse_own_query(sql)
         if parsed is None:
-            return _UNCHANGED
+            guarded = guard_server_names(sql)
+            return _UNCHANGED if guarded is None else m.query(guarded.decode(errors="replace"))
         verb, name = parsed
         if name.startswith(SERVER_NAME_PREFIX):
             if verb == "deallocate":
                 error = (codes.INVALID_SQL_STATEMENT_NAME,
                          f'prepared statement "{name.decode(errors="replace")}" does not exist')
             else:
-                error = (codes.RESERVED_NAME, f'prepared statement names beginning with '
-                         f'"{SERVER_NAME_PREFIX.decode()}" are reserved by the connection pooler')
-            return m.query(raise_sql(*error))
+                error = (codes.RESERVED_NAME, PREPARE_RESERVED)
+            return m.query(m.raise_sql(*error))
         if verb == "deallocate" and name in self.stmts:
             del self.stmts[name]
             del server.pending[-1]
             if server.pending:
                 server.pending.append(SYNTH_QUERY)
                 server.synth_replies.append(_DEALLOCATE_DONE)
-            else:
+            elif not server.skipping:
                 self.transport.write(server.synthetic_now(SYNTH_QUERY, _DEALLOCATE_DONE))
             return b""
         if verb == "deallocate all":
@@ -775,18 +862,20 @@ class ClientConn(asyncio.Protocol):
     def on_parameter_status(self, name: str, value: str) -> None:
         self.params[name] = value
         self.tracked = with_tracked(self.tracked, name, value)
+        if self.settings:
+            self.settings = followed(self.settings, name, value)
 
     def on_statements_discarded(self) -> None:
         self.stmts.clear()
 
     # --- closing ---
 
-    def fatal(self, code: str, message: str) -> None:
+    def fatal(self, code: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
         """Send a FATAL ErrorResponse and close: the client's session cannot go on."""
         if self.state == CLOSED:
             return
         log.info("%s: %s error %s: %s", self.id, self.peer, code, message)
-        self.transport.write(m.error_response(code, message, "FATAL"))
+        self.transport.write(m.error_response(code, message, "FATAL", detail, hint))
         self.close(message)
 
     def close(self, reason: str) -> None:
@@ -875,7 +964,7 @@ class ClientConn(asyncio.Protocol):
         """Waiting for a server between transactions, with nothing half-read or half-written."""
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
                 and self._held is not None and not self._partial and not self._skip and not self._paused
-                and self._verify_hold is None
+                and self._verify_hold is None and not self._drop
                 and not self.transport.get_write_buffer_size())
 
     def detach_socket(self) -> int:
@@ -895,7 +984,8 @@ class ClientConn(asyncio.Protocol):
         assert pool is not None and self._held is not None
         state = {
             "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
-            "params": self.params, "cancel_key": self.cancel_key, "connected_at": self.connected_at,
+            "params": self.params, "settings": self.settings, "cancel_key": self.cancel_key,
+            "connected_at": self.connected_at,
             "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
             "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
         }
@@ -917,6 +1007,7 @@ class ClientConn(asyncio.Protocol):
         self._join(pool)
         self.params = state["params"]
         self.tracked = tracked_values(self.params)
+        self.settings = tuple((name, value) for name, value in state["settings"])
         self.stmts = {name: pool.registry.get(key) for name, key in state["stmts"]}
         pid, key = state["cancel_key"]
         self.cancel_key = (pid, key)
@@ -934,7 +1025,6 @@ class ClientConn(asyncio.Protocol):
 
 RESET_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 60.0  # a server finishing the requests of a client that sent Terminate
-WELCOME_CACHE = 64  # distinct startup-parameter sets per pool whose login reply is kept
 _AUTH_OK = m.authentication(codes.AUTH_OK)
 _UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
 _CLOSE_UNNAMED = m.message(b"C", b"S\0")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pgdoorman.auth import parse_secret
 from pgdoorman.channel import Load
@@ -15,9 +15,11 @@ from pgdoorman.prepared import Registry
 from pgdoorman.protocol import codes
 from pgdoorman.server import ServerConn, ServerError
 
+if TYPE_CHECKING:
+    from pgdoorman.frontend.settings import Welcome
+
 log = logging.getLogger("pgdoorman.pool")
 
-Welcome = tuple[dict[str, str], tuple[str | None, ...], bytes]
 RETRY_DELAY = 0.5  # after a failed connect, before the next attempt for the same pool
 
 
@@ -67,7 +69,7 @@ class Pool:
         self.waited = 0.0  # their total wait, seconds
         self.connecting = 0
         self.server_params: dict[str, str] | None = None
-        # the clients' login replies by startup overrides: (params, tracked values, ParameterStatus)
+        # the clients' login replies by their startup settings (frontend/settings.py)
         self.welcomes: dict[tuple[tuple[str, str], ...], Welcome] = {}
         self._retry_at = 0.0
         self._closing = False

@@ -11,7 +11,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from pgdoorman.protocol.messages import close_statement, parse_message
+from pgdoorman.protocol.messages import close_statement, parse_message, raise_sql
 
 _next_id = itertools.count(1)
 SERVER_NAME_PREFIX = b"PGDOORMAN_"  # server-side names; clients can neither reach nor take them
@@ -155,3 +155,29 @@ def parse_own_query(sql: bytes) -> tuple[str, bytes] | None:
     else:
         name = name.lower()  # unquoted identifiers fold to lower case
     return verb, name
+
+
+_DEALLOCATE_SERVER_NAME = re.compile(rb'deallocate\s+(?:prepare\s+)?"(PGDOORMAN_(?:[^"]|"")*)"',
+                                     re.IGNORECASE)
+_PREPARE_SERVER_NAME = re.compile(rb'prepare\s+"PGDOORMAN_', re.IGNORECASE)
+
+
+def guard_server_names(sql: bytes) -> bytes | None:
+    """A query (of several statements, say) that names the pooler's own statements, rewritten so
+    that each DEALLOCATE of one fails as if it did not exist (and a PREPARE of such a name fails
+    the whole query); None if it names none. Text inside string literals is not told apart."""
+    if b'"PGDOORMAN_' not in sql:
+        return None
+    if _PREPARE_SERVER_NAME.search(sql):
+        return raise_sql("42939", PREPARE_RESERVED).encode()
+
+    def fail(match: re.Match[bytes]) -> bytes:
+        name = match.group(1).replace(b'""', b'"').decode(errors="replace")
+        return raise_sql("26000", f'prepared statement "{name}" does not exist').encode()
+
+    guarded = _DEALLOCATE_SERVER_NAME.sub(fail, sql)
+    return None if guarded == sql else guarded
+
+
+PREPARE_RESERVED = (f'prepared statement names beginning with "{SERVER_NAME_PREFIX.decode()}" '
+                    "are reserved by the connection pooler")

@@ -66,11 +66,6 @@ _RAISE_BIND_EXECUTE = m.message(b"B", _RAISE_NAME.join((b"\0", b"\0\0\0\0\0\0\0"
     b"E", b"\0\0\0\0\0")
 _RAISE_KINDS = bytes((HIDDEN_CLOSE, HIDDEN_PARSE, HIDDEN_BIND, HIDDEN_EXECUTE))
 
-
-def raise_sql(code: str, text: str) -> str:
-    """A statement that fails with exactly this SQLSTATE and message."""
-    return (f"DO $pgdoorman$BEGIN RAISE EXCEPTION USING ERRCODE = {m.quote_literal(code)}, "
-            f"MESSAGE = {m.quote_literal(text)}; END$pgdoorman$")
 _STATUS_FAILED = 69  # 'E'
 _IN_FAILED_TRANSACTION = m.error_response(
     codes.IN_FAILED_SQL_TRANSACTION,
@@ -122,7 +117,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
         "on_idle", "params", "parked", "pool", "ready", "refuse_transactions",
-        "session_reset", "statements", "tracked", "transport",
+        "session_reset", "settings", "statements", "tracked", "transport",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -146,6 +141,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         # The ErrorResponse fields of the last failed pooler query (send_hidden); the login probe of
         # a client's startup settings reads it.
         self.hidden_error: dict[str, str] | None = None
+        # The other settings replayed here for clients (frontend/settings.py), as (name, value).
+        self.settings: tuple[tuple[str, str], ...] = ()
         self.closed = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_idle: Callable[[ServerConn], None] | None = None  # reset done; else released to pool
@@ -464,8 +461,15 @@ class ServerConn(ServerState, asyncio.Protocol):
     def _command_tag(self, tag: bytes, hidden: bool) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
             self.statements.clear()
+            if tag == b"DISCARD ALL":
+                self.settings = ()
             if self.client is not None:
                 self.client.on_statements_discarded()
+        elif tag == b"RESET":  # RESET ALL undoes the replayed settings too
+            if not hidden:
+                self.session_reset = self.session_reset or RESET_SETTINGS
+            elif self.client is None:  # a reset between loans (lent, the replay records itself)
+                self.settings = ()
         elif hidden:
             pass  # the pooler's own SETs
         elif tag == b"SET":  # SET, SET ROLE, SET SESSION AUTHORIZATION (or SET LOCAL: harmless)
@@ -490,14 +494,14 @@ class ServerConn(ServerState, asyncio.Protocol):
                 log.info("%s: statement %s changed result type: retired", self.id,
                          ref.server_name.decode())
                 self.pool.registry.retire(ref)
-        verifying = False
-        for kind, ref in self.skip_to_sync():
-            if ref is not None and (kind == PARSE_NAMED or kind == HIDDEN_PARSE):
-                self.statements.discard(ref)  # its Parse never ran
-            verifying = verifying or kind == HIDDEN_DESCRIBE
-        if verifying and self.client is not None:
-            self.client.on_verified(True)
+        self.skip_to_sync()
         return True
+
+    def skipped(self, kind: int, ref: Statement | None) -> None:
+        if ref is not None and (kind == PARSE_NAMED or kind == HIDDEN_PARSE):
+            self.statements.discard(ref)  # its Parse never ran
+        elif kind == HIDDEN_DESCRIBE and self.client is not None:
+            self.client.on_verified(True)
 
     # --- used by the client and the pool ---
 
@@ -534,7 +538,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         server's, or `reply` instead where its exact fields matter."""
         self.raised.append(reply)
         out += _RAISE_CLOSE
-        out += m.parse_message(_RAISE_NAME, m.cstr(raise_sql(code, text)) + b"\0\0")
+        out += m.parse_message(_RAISE_NAME, m.cstr(m.raise_sql(code, text)) + b"\0\0")
         out += _RAISE_BIND_EXECUTE
         self.pending += _RAISE_KINDS
         self.refs.append(None)  # HIDDEN_PARSE carries a ref

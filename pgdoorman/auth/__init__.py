@@ -4,20 +4,26 @@ Everything here is pure (no sockets, no asyncio): protocol framing belongs to th
 """
 
 from pgdoorman.auth.md5 import md5_hash, md5_salted_response, md5_verify
+from pgdoorman.auth.mock import UNKNOWN, auth_key, mock_method, mock_scram, plain_salt
 from pgdoorman.auth.scram import MECHANISM, ScramClient, ScramServer, saslprep, scram_verifier
 from pgdoorman.auth.secrets import AuthFailed, ScramVerifier, StoredSecret, parse_secret
 
 __all__ = [
     "MECHANISM",
+    "UNKNOWN",
     "AuthFailed",
     "ScramClient",
     "ScramServer",
     "ScramVerifier",
     "StoredSecret",
+    "auth_key",
     "md5_hash",
     "md5_salted_response",
     "md5_verify",
+    "mock_method",
+    "mock_scram",
     "parse_secret",
+    "plain_salt",
     "saslprep",
     "scram_verifier",
 ]

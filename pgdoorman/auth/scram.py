@@ -175,8 +175,9 @@ class ScramServer:
     """
 
     def __init__(self, secret: StoredSecret, *, nonce: str | None = None, salt: bytes | None = None,
-                 iterations: int = DEFAULT_ITERATIONS) -> None:
-        """nonce (server part), salt and iterations are for tests; salt/iterations need a plain secret."""
+                 iterations: int = DEFAULT_ITERATIONS, mock_salt: bytes | None = None) -> None:
+        """nonce (server part) is for tests; salt and iterations need a plain secret; mock_salt is
+        the salt a doomed exchange shows (auth/mock.py)."""
         self._doomed = False
         if secret.kind == "scram" and secret.scram is not None:
             if salt is not None or iterations != DEFAULT_ITERATIONS:
@@ -190,7 +191,8 @@ class ScramServer:
                 self._verifier = _make_verifier(secret.plain, salt, iterations)
         else:
             self._doomed = True
-            mock_salt = _hmac(_MOCK_KEY, (secret.md5 or secret.kind).encode())[:SALT_LEN]
+            if mock_salt is None:
+                mock_salt = _hmac(_MOCK_KEY, (secret.md5 or secret.kind).encode())[:SALT_LEN]
             self._verifier = ScramVerifier(DEFAULT_ITERATIONS, mock_salt, bytes(32), bytes(32))
         self._server_nonce = _check_nonce_arg(nonce)
         self._state = _EXPECT_FIRST

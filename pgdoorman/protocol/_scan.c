@@ -3,6 +3,7 @@
  * Same functions, same results; see scan.py for what they mean. Only the plain, frequent cases
  * are handled here: anything needing the pooler's judgement is returned as SPECIAL.
  */
+#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
@@ -144,6 +145,15 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
     int result = DONE;
 
     while (pos + 5 <= n) {
+        if (nadded == (Py_ssize_t)sizeof(added)) {
+            Py_ssize_t len = PyByteArray_GET_SIZE(pending);
+            if (PyByteArray_Resize(pending, len + nadded) < 0) {
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
+            nadded = 0;
+        }
         unsigned char kind = data[pos];
         Py_ssize_t length = (Py_ssize_t)be32(data + pos + 1);
         if (length < 4 || length > max_len) {
@@ -152,6 +162,23 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         Py_ssize_t end = pos + 1 + length;
         if (end > n) {
+            if (kind == 'B') { /* streamed once both names are here (large parameters) */
+                const unsigned char *nul = memchr(data + pos + 5, 0, (size_t)(n - pos - 5));
+                if (!nul)
+                    break;
+                Py_ssize_t name_at = (nul - data) + 1;
+                if (name_at >= n || !memchr(data + name_at, 0, (size_t)(n - name_at)))
+                    break;
+                if (check_names && (data[name_at] != 0 || check_names == NAMES_GUARDED)) {
+                    result = SPECIAL;
+                    break;
+                }
+                added[nadded++] = BIND;
+                skip = (long)(end - n);
+                pos = n;
+                result = STREAM;
+                break;
+            }
             if (!strchr("PBDCX", kind) || kind == 0) {
                 unsigned char owed = 0;
                 switch (kind) {
@@ -185,22 +212,15 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             }
             break;
         }
-        if (nadded == (Py_ssize_t)sizeof(added)) {
-            Py_ssize_t len = PyByteArray_GET_SIZE(pending);
-            if (PyByteArray_Resize(pending, len + nadded) < 0) {
-                PyBuffer_Release(&view);
-                return NULL;
-            }
-            memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
-            nadded = 0;
-        }
         unsigned char add = 0;
         switch (kind) {
         case 'Q':
             /* SQL DEALLOCATE / PREPARE: the pooler looks at them (see scan.py) */
-            if (check_names && length >= 11 && data[pos + 5] && strchr("DdPp", data[pos + 5]) &&
-                ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
-                 (length >= 11 && !strncasecmp((const char *)data + pos + 5, "prepare", 7))))
+            if (check_names && length >= 11 &&
+                ((data[pos + 5] && strchr("DdPp", data[pos + 5]) &&
+                  ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
+                   !strncasecmp((const char *)data + pos + 5, "prepare", 7))) ||
+                 memmem(data + pos + 5, (size_t)(length - 4), "\"PGDOORMAN_", 11)))
                 result = SPECIAL;
             add = QUERY;
             break;

@@ -29,10 +29,13 @@ def cstr(value: str | bytes) -> bytes:
 
 # --- backend messages (pooler -> client) ---
 
-def error_response(code: str, text: str, severity: str = "ERROR", detail: str | None = None) -> bytes:
+def error_response(code: str, text: str, severity: str = "ERROR", detail: str | None = None,
+                   hint: str | None = None) -> bytes:
     fields = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(code) + b"M" + cstr(text)
     if detail:
         fields += b"D" + cstr(detail)
+    if hint:
+        fields += b"H" + cstr(hint)
     return message(b"E", fields + b"\0")
 
 
@@ -157,3 +160,10 @@ def quote_literal(value: str) -> str:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def raise_sql(code: str, text: str) -> str:
+    """A statement that fails with exactly this SQLSTATE and message (the pooler's errors that
+    must change the server's state as a real one would: abort the transaction, skip the batch)."""
+    return (f"DO $pgdoorman$BEGIN RAISE EXCEPTION USING ERRCODE = {quote_literal(code)}, "
+            f"MESSAGE = {quote_literal(text)}; END$pgdoorman$")

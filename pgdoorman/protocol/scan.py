@@ -55,6 +55,7 @@ _STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from t
 # Simple queries the pooler reads itself where statements are mapped: SQL DEALLOCATE of a
 # client's protocol-level statement, and PREPARE/DEALLOCATE of the pooler's own names.
 _OWN_QUERY_PREFIXES = (b"deallocate", b"prepare")
+QUOTED_SERVER_NAME = b'"PGDOORMAN_'  # how SQL can name the pooler's statements (see prepared.py)
 # CommandComplete tags of statements that change session state a later client could see.
 _SESSION_TAGS = frozenset((b"SET\0", b"LISTEN\0", b"PREPARE\0"))
 
@@ -117,6 +118,14 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
             return pos, BAD_LENGTH, 0
         end = pos + 1 + length
         if end > n:
+            if kind == 66:  # Bind: streamed once both names are here (large parameters)
+                name_at = data.find(b"\0", pos + 5, n) + 1
+                if name_at == 0 or data.find(b"\0", name_at, n) < 0:
+                    return pos, DONE, 0
+                if check_names and (data[name_at] != 0 or check_names == NAMES_GUARDED):
+                    return pos, SPECIAL, 0
+                pending.append(BIND)
+                return n, STREAM, end - n
             if kind in _WHOLE:
                 return pos, DONE, 0
             owed = _STREAMED_REQUEST.get(kind)
@@ -138,8 +147,10 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
             if check_names and (data[name_at] != 0 or check_names == NAMES_GUARDED):
                 return pos, SPECIAL, 0
             pending.append(BIND)
-        elif kind == 81 and check_names and length >= 11 and data[pos + 5] in b"DdPp" \
-                and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES):
+        elif kind == 81 and check_names and length >= 11 and (
+                (data[pos + 5] in b"DdPp"
+                 and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES))
+                or data.find(QUOTED_SERVER_NAME, pos + 5, end) >= 0):
             return pos, SPECIAL, 0
         elif kind in _PLAIN_REQUEST:
             if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \

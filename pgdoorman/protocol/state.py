@@ -38,8 +38,8 @@ _READY_KINDS = (QUERY, SYNC, HIDDEN_QUERY)  # requests answered by ReadyForQuery
 class ServerState:
     """Mixed into ServerConn: the protocol state of one server connection."""
 
-    __slots__ = ("copy_in", "doubt", "pending", "raised", "refs", "status", "synth_replies",
-                 "unnamed_owner", "unsynced")
+    __slots__ = ("copy_in", "doubt", "pending", "raised", "refs", "skipping", "status",
+                 "synth_replies", "unnamed_owner", "unsynced")
 
     def init_state(self) -> None:
         self.pending = bytearray()
@@ -51,6 +51,9 @@ class ServerState:
         # PostgreSQL is in COPY FROM STDIN and the client has not yet sent CopyDone/CopyFail: Syncs
         # the client sends now are ignored by the server, so they are owed nothing.
         self.copy_in = False
+        # An extended-protocol request failed and no Sync has been sent since: PostgreSQL skips
+        # every message but Sync, so none of them is owed a reply.
+        self.skipping = False
         # The replies did not match the requests: never lend this server again.
         self.doubt = ""
         # The client whose Parse of the unnamed statement is the one on this server (or None).
@@ -90,6 +93,13 @@ class ServerState:
         pending = self.pending
         if len(pending) <= start:
             return
+        if self.skipping:
+            # pending held nothing when skipping began, and nothing but dropped requests since.
+            while pending and pending[0] != SYNC:
+                self._drop_head()
+            if not pending:
+                return
+            self.skipping = False
         if self.copy_in:
             self._drop_ignored_syncs(start)
         i = len(pending) - 1
@@ -138,22 +148,21 @@ class ServerState:
             dropped += 1
         if pending:
             del pending[0]
+        self.skipping = False
         return dropped
 
-    def skip_to_sync(self) -> list[tuple[int, Any]]:
+    def skip_to_sync(self) -> None:
         """An ErrorResponse to an extended-protocol request: PostgreSQL now skips every message
-        (Query included) until Sync. Drops the oldest owed requests up to that Sync; returns the
-        dropped (kind, ref) pairs, ref None where the kind carries none."""
+        (Query included) until Sync. Drops the oldest owed requests up to that Sync."""
         pending = self.pending
-        dropped = []
         while pending and pending[0] != SYNC and pending[0] != HIDDEN_QUERY:
-            dropped.append(self._drop_head())
+            self._drop_head()
         if not pending:
             # No Sync yet: whatever the client sends until its Sync is skipped too.
-            self.unsynced = True
-        return dropped
+            self.unsynced = self.skipping = True
 
-    def _drop_head(self) -> tuple[int, Any]:
+    def _drop_head(self) -> None:
+        """The oldest owed request was skipped by the server: it gets no reply."""
         kind = self.pending[0]
         del self.pending[0]
         ref = None
@@ -165,4 +174,7 @@ class ServerState:
             self.raised.popleft()
         elif kind == PARSE:
             self.unnamed_owner = None  # that Parse never ran: the old unnamed statement is there
-        return kind, ref
+        self.skipped(kind, ref)
+
+    def skipped(self, kind: int, ref: Any) -> None:
+        """Hook: a request of this kind (and its ref) was skipped by the server."""
