@@ -5,7 +5,8 @@ from __future__ import annotations
 from bench.records import TARGETS, Summary
 
 # the same in every subplot
-COLORS = {"direct": "C0", "pgbouncer": "C1", "pgdoorman": "C2", "pgdoorman-1w": "C3"}
+COLORS = {"direct": "C0", "pgbouncer": "C1", "pgdoorman": "C2", "pgdoorman-1w": "C3", "pgdoorman-base": "C4",
+          "pgdoorman-base-1w": "C5"}
 
 
 def write_png(path: str, summaries: list[Summary], modes: list[str]) -> bool:

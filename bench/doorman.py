@@ -18,6 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class PgDoorman(PoolerProcess):
     log_level: str = "info"
     workers: int = 0  # pgdoorman's default: one worker process per CPU core
+    source_root: str = REPO_ROOT  # another checkout (a git worktree of --baseline) to run instead
 
     def prepare(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-pgdoorman-")
@@ -51,14 +52,14 @@ class PgDoorman(PoolerProcess):
     def _version(self) -> str:
         """`pgdoorman 0.1.0` -> `0.1.0`; "?" when it does not say."""
         out = subprocess.run([sys.executable, "-m", "pgdoorman", "--version"], capture_output=True,
-                             text=True, cwd=REPO_ROOT, env=self.env())
+                             text=True, cwd=self.source_root, env=self.env())
         words = out.stdout.split()
         return words[-1] if out.returncode == 0 and words else "?"
 
     def env(self) -> dict[str, str] | None:
         """Make the checkout importable even when pgdoorman is not pip-installed."""
         path = os.environ.get("PYTHONPATH", "")
-        return {**os.environ, "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
+        return {**os.environ, "PYTHONPATH": self.source_root + (os.pathsep + path if path else "")}
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "pgdoorman", "-c", os.path.join(self.workdir, "generated.toml")]

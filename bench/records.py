@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-TARGETS = ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w")  # -1w: one worker process
+# -1w: one worker process; -base: the same, run from the --baseline git revision (before/after)
+TARGETS = ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w", "pgdoorman-base", "pgdoorman-base-1w")
 MODES = ("simple", "extended", "prepared")
 
 

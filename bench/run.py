@@ -9,7 +9,9 @@ import argparse
 import datetime as dt
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,18 +44,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (-T, 10)")
     p.add_argument("--clients", type=_int_list, default=[1, 32, 500], help="client counts (1,32,500)")
     p.add_argument("--modes", type=_str_list, default=list(MODES), help="pgbench -M modes")
-    p.add_argument("--targets", type=_str_list, default=list(TARGETS), help=",".join(TARGETS))
+    p.add_argument("--targets", type=_str_list, default=None,
+                   help=",".join(TARGETS) + " (default: all but the -base ones unless --baseline)")
     p.add_argument("--churn-clients", type=int, default=32, help="clients of the -C case (0: skip)")
     p.add_argument("--idle-clients", type=int, default=10_000, help="idle logins per pooler (0: skip)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (10)")
     p.add_argument("--warmup", type=int, default=3, help="seconds of warm-up per target (0: none)")
     p.add_argument("--results-dir", default=RESULTS_DIR, help="where the .md/.json/.png go")
+    p.add_argument("--baseline", default="",
+                   help="git revision to compare with: targets pgdoorman-base(-1w) run it (before/after)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round of 2 s, clients 1,8, simple only, 200 idle clients")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.clients, args.modes = 1, 2, [1, 8], ["simple"]
         args.idle_clients, args.churn_clients, args.warmup = 200, 8, 1
+    if args.targets is None:
+        args.targets = [t for t in TARGETS if args.baseline or "-base" not in t]
     bad = [m for m in args.modes if m not in MODES] + [t for t in args.targets if t not in TARGETS]
     if bad:
         p.error(f"unknown mode or target: {', '.join(bad)}")
@@ -148,9 +155,12 @@ def make_targets(args: argparse.Namespace, host: str, server_port: int) -> list[
             pgb.prepare()
             made.append(pgb)
         else:
+            if "-base" in name and not args.baseline_root:
+                raise SystemExit(f"target {name} needs --baseline REV")
             pgd = PgDoorman(name, host, free_port(host), server_port=server_port, database=DATABASE,
                             user=USER, pool_size=POOL_SIZE, max_client_conn=max_client,
-                            workers=1 if name == "pgdoorman-1w" else 0)
+                            workers=1 if name.endswith("-1w") else 0,
+                            **({"source_root": args.baseline_root} if "-base" in name else {}))
             pgd.prepare()
             made.append(pgd)
     return made
@@ -178,8 +188,26 @@ def write_results(bench: Bench, meta: dict[str, Any]) -> str:
     return stem + ".json"
 
 
+def checkout_baseline(rev: str) -> str:
+    """A git worktree of rev beside this checkout, its frame scanner compiled: the "before"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tempfile.mkdtemp(prefix="pgdoorman-bench-base-")
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-f", path, rev], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=path, check=True,
+                   capture_output=True)
+    log(f"baseline {rev} checked out in {path}")
+    return path
+
+
+def remove_baseline(path: str) -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], capture_output=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.baseline_root = checkout_baseline(args.baseline) if args.baseline else ""
     timestamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     fd_limit = raise_fd_limit(2 * args.idle_clients + 4096)
@@ -223,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds, "duration_s": args.duration, "clients": args.clients,
                 "modes": args.modes, "targets": args.targets, "churn_clients": args.churn_clients,
                 "idle_clients": args.idle_clients, "scale": args.scale, "quick": args.quick,
+                "baseline": args.baseline,
             },
         }
         write_results(bench, meta)
@@ -230,4 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         for t in bench.targets:
             t.cleanup()
         cluster.destroy()
+        if args.baseline_root:
+            remove_baseline(args.baseline_root)
     return status

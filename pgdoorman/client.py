@@ -397,7 +397,7 @@ class ClientConn(asyncio.Protocol):
         self.transport.write(out)
         if self.app.config.general.log_client_connections:
             log.info("%s: %s login ok (%s mode)", self.id, self.peer, self.mode)
-        if self._buf and False:
+        if self._buf:
             self._held = bytes(self._buf)
             self._buf.clear()
         if self._paused:  # paused while logging in; the relay pauses again if it must

@@ -23,6 +23,7 @@ from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
+    BIND_NAMED,
     COPY_END,
     DESCRIBE,
     DESCRIBE_NAMED,
@@ -486,6 +487,12 @@ class ServerConn(ServerState, asyncio.Protocol):
                 self.hidden_error = fields
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
             return False
+        if (head == BIND_NAMED or head == DESCRIBE_NAMED) and b"C26000\0" in body:
+            # The statement vanished behind the pooler's back (a DEALLOCATE it could not see):
+            # this client gets the error; the next use prepares it here again.
+            ref = self.refs[0]
+            if ref is not None:
+                self.statements.discard(ref)
         if head in HAS_REF and _CACHED_PLAN_MSG in body:
             # DDL changed its result type: from now on every use fails as on the client's own
             # connection, and the next Parse of that query makes a new statement.
