@@ -46,6 +46,7 @@ from pgdoorman.protocol.scan import (
     BIND,
     BIND_NAMED,
     CLOSE,
+    COPY_END,
     DESCRIBE,
     DESCRIBE_NAMED,
     HIDDEN_CLOSE,
@@ -56,6 +57,7 @@ from pgdoorman.protocol.scan import (
     QUERY,
     SPECIAL,
     STREAM,
+    SYNC,
     SYNTH_CLOSE,
     SYNTH_PARSE,
     SYNTH_QUERY,
@@ -626,7 +628,12 @@ class ClientConn(asyncio.Protocol):
             if out:
                 transport.write(out)
         if len(pending) != start:
-            server.requests_sent(start)
+            last = pending[-1]
+            if (last == QUERY or last == SYNC) and pending[0] != COPY_END and not (
+                    server.skipping or server.copy_in):
+                server.unsynced = False  # the usual case of state.requests_sent, inline
+            else:
+                server.requests_sent(start)
         elif not pending and not self._skip:
             self._message_done(server)
 

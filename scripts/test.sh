@@ -10,6 +10,7 @@ command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbo
 command -v go >/dev/null || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/jackc/pgx ] || need_apt+=(golang-github-jackc-pgx-v4-dev)
 command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need_apt[*]}"
@@ -17,6 +18,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# pgJDBC for the Java driver test, from Maven Central (the version tests/test_drivers.py names).
+[ -f "$HOME/.m2/repository/org/postgresql/postgresql/42.7.13/postgresql-42.7.13.jar" ] \
+    || mvn -q dependency:get -Dartifact=org.postgresql:postgresql:42.7.13
 # A Debian postgresql install starts a cluster on 5432; the tests make their own.
 python3 -m pip install -q --disable-pip-version-check -e '.[test,dev,bench]'
 ruff check pgdoorman tests bench
