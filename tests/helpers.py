@@ -522,3 +522,26 @@ def wait_for_active_query(pg: Cluster, query: str, timeout: float = 10.0) -> Non
            + query.replace("'", "''") + "'")
     if not wait_until(lambda: pg.psql(sql) != "0", timeout=timeout, interval=0.05):
         raise AssertionError(f"{query!r} never became active on the server within {timeout}s")
+
+
+class ScramClient:
+    """Just enough SCRAM-SHA-256 for RawConn (no channel binding), independent of pgdoorman's:
+    send initial(), then final(server-first-message from AuthenticationSASLContinue)."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password.encode()
+        self.bare = b"n=,r=" + base64.b64encode(os.urandom(18))
+
+    def initial(self) -> bytes:
+        first = b"n,," + self.bare
+        return message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+
+    def final(self, server_first: bytes) -> bytes:
+        attrs = dict(part.split(b"=", 1) for part in server_first.split(b","))
+        salted = hashlib.pbkdf2_hmac("sha256", self.password, base64.b64decode(attrs[b"s"]), int(attrs[b"i"]))
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        without_proof = b"c=biws,r=" + attrs[b"r"]
+        auth = self.bare + b"," + server_first + b"," + without_proof
+        signature = hmac.digest(hashlib.sha256(client_key).digest(), auth, "sha256")
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        return message(b"p", without_proof + b",p=" + base64.b64encode(proof))

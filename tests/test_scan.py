@@ -31,7 +31,8 @@ messages = st.builds(
     st.one_of(
         st.binary(max_size=12),
         st.sampled_from([b"\0", b"S\0", b"Sname\0", b"P\0", b"\0\0", b"p\0stmt\0rest", b"DISCARD ALL\0",
-                         b"I", b"SET\0", b"SELECT 1\0", b"LISTEN\0", b"PREPARE\0", b"SET", b"LISTEN"]),
+                         b"I", b"SET\0", b"SELECT 1\0", b"LISTEN\0", b"PREPARE\0", b"SET", b"LISTEN",
+                         b"RESET\0"]),
     ),
 )
 streams = st.lists(messages, max_size=12).map(b"".join)

@@ -47,7 +47,7 @@ REFUSED = frozenset(("role", "session_authorization"))
 # process_postgres_switches' other switches: valid for PostgreSQL, not emulated by the pooler.
 _OTHER_SWITCHES = frozenset("BbCDdEeFfhijklNnOPprSsTtvW")
 _SPACE = frozenset(" \t\n\r\v\f")  # C isspace()
-WELCOME_CACHE = 64  # distinct startup-setting sets per pool whose login reply is kept
+WELCOME_CACHE = 256  # distinct startup-setting sets per pool whose login reply is kept (LRU)
 
 
 class Refused(Exception):
@@ -231,11 +231,12 @@ def probed_welcome(reported: Mapping[str, str], asked: Sequence[Setting]) -> Wel
 
 def cached_welcome(pool: Pool, asked: Sequence[Setting]) -> Welcome | None:
     """The login reply for these startup settings, or None when PostgreSQL must judge them first
-    (start_probe) or no server has told the pool its ParameterStatus values yet."""
+    (Probe) or no server has told the pool its ParameterStatus values yet."""
     welcomes = pool.welcomes
     key = tuple(asked)
-    found = welcomes.get(key)
+    found = welcomes.pop(key, None)
     if found is not None:
+        welcomes[key] = found  # least recently used last: evicted first
         return found
     judged, local = split_local(asked)
     if judged:
@@ -257,9 +258,11 @@ def cached_welcome(pool: Pool, asked: Sequence[Setting]) -> Welcome | None:
 
 
 def remember(pool: Pool, key: Settings, welcome: Welcome) -> None:
-    if len(pool.welcomes) >= WELCOME_CACHE:
-        pool.welcomes.clear()
-    pool.welcomes[key] = welcome
+    welcomes = pool.welcomes
+    welcomes.pop(key, None)
+    while len(welcomes) >= WELCOME_CACHE:
+        del welcomes[next(iter(welcomes))]
+    welcomes[key] = welcome
 
 
 # --- the probe ---

@@ -98,6 +98,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             /* DISCARD/DEALLOCATE ALL, or a statement that changed session state */
             if (kind == 'C' && (tag[0] == 'D' || (tag_len == 4 && !memcmp(tag, "SET", 4)) ||
                                 (tag_len == 7 && !memcmp(tag, "LISTEN", 7)) ||
+                                (tag_len == 6 && !memcmp(tag, "RESET", 6)) ||
                                 (tag_len == 8 && !memcmp(tag, "PREPARE", 8)))) {
                 result = SPECIAL;
                 break;

@@ -57,7 +57,7 @@ _STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from t
 _OWN_QUERY_PREFIXES = (b"deallocate", b"prepare")
 QUOTED_SERVER_NAME = b'"PGDOORMAN_'  # how SQL can name the pooler's statements (see prepared.py)
 # CommandComplete tags of statements that change session state a later client could see.
-_SESSION_TAGS = frozenset((b"SET\0", b"LISTEN\0", b"PREPARE\0"))
+_SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0"))
 
 
 def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tuple[int, int, int, int]:
