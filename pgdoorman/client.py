@@ -568,7 +568,10 @@ class ClientConn(asyncio.Protocol):
         while True:
             names = NAMES_PLAIN if session else (
                 NAMES_MAPPED if server.unnamed_owner is self else NAMES_GUARDED)
+            scanned_from = len(pending)
             pos, result, skip = scan_requests(data, pos, pending, names, self._max_message)
+            if names == NAMES_GUARDED and pending.find(PARSE, scanned_from) >= 0:
+                server.unnamed_owner = self  # its own unnamed Parse came before any use of it
             if result == SPECIAL:
                 end = pos + 1 + _unpack_len(data, pos + 1)[0]
                 if data[pos] == 88:  # Terminate: what came before it still goes to the server
@@ -651,10 +654,6 @@ class ClientConn(asyncio.Protocol):
         kind = data[pos]
         named = self._rewrite
         if kind == 80:  # Parse of a named statement
-            if data[pos + 5] == 0:  # of the unnamed one, on a server where it was another's
-                server.unnamed_owner = self
-                server.pending.append(PARSE)
-                return _UNCHANGED
             if named:
                 return self._parse(data, pos, end, server)
             self.fatal(codes.FEATURE_NOT_SUPPORTED,

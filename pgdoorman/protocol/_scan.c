@@ -235,8 +235,10 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             add = SYNC;
             break;
         case 'P':
-            if (check_names && (data[pos + 5] != 0 || check_names == NAMES_GUARDED))
+            if (check_names && data[pos + 5] != 0)
                 result = SPECIAL;
+            else if (check_names == NAMES_GUARDED)
+                check_names = NAMES_MAPPED; /* the unnamed statement is this client's from here on */
             add = PARSE;
             break;
         case 'B': {

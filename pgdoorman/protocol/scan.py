@@ -39,7 +39,8 @@ SYNTH_QUERY = 23  # a simple Query the pooler answers (ServerConn.synth_replies)
 # check_names modes of scan_requests
 NAMES_PLAIN = 0  # session mode: names pass unchanged
 NAMES_MAPPED = 1  # named statements are the pooler's to map
-NAMES_GUARDED = 2  # ... and the unnamed statement on this server may be another client's
+NAMES_GUARDED = 2  # ... and the unnamed statement on this server may be another client's: stop
+# at a Bind/Describe of it until this client's own unnamed Parse (the caller sees the PARSE)
 
 # Scanner results
 DONE = 0  # every complete message consumed; data[pos:] is an incomplete message to hold back
@@ -137,9 +138,11 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
                 return pos, SPECIAL, 0  # not a frontend message
             return n, STREAM, end - n
         if kind == 80:  # Parse
-            if check_names and (data[pos + 5] != 0 or check_names == NAMES_GUARDED):
+            if check_names and data[pos + 5] != 0:
                 return pos, SPECIAL, 0
             pending.append(PARSE)
+            if check_names == NAMES_GUARDED:
+                check_names = NAMES_MAPPED  # the unnamed statement is this client's from here on
         elif kind == 66:  # Bind: portal name, then statement name
             name_at = data.find(b"\0", pos + 5, end) + 1
             if name_at == 0 or name_at >= end:
