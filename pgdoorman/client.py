@@ -200,6 +200,17 @@ class ClientConn(asyncio.Protocol):
             except m.ProtocolError as exc:
                 self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
 
+    def eof_received(self) -> bool | None:
+        """The client shut down its side (often right after a Terminate): PostgreSQL would still
+        answer what it was sent before closing, so keep the connection open for those replies."""
+        server = self.server
+        if self.state == ACTIVE and server is not None and not server.closed and not self._skip and (
+                server.pending or self._terminating):
+            if not self._terminating:
+                self._terminate(server)
+            return None if self.state == CLOSED else True
+        return None
+
     def pause_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
             self.server.transport.pause_reading()
@@ -475,7 +486,10 @@ class ClientConn(asyncio.Protocol):
             stmt = registry.known(bytes(data[name_end + 1 : end]))
             if stmt is None:
                 return False
-            found.append((bytes(data[pos + 5 : name_end]), stmt))
+            name = bytes(data[pos + 5 : name_end])
+            if name in self.stmts:
+                return False  # the server path answers "already exists"
+            found.append((name, stmt))
             pos = end
         else:
             return False
@@ -581,8 +595,7 @@ class ClientConn(asyncio.Protocol):
                     if out and not server.closed:
                         transport.write(out)
                     server.requests_sent(start)
-                    self._terminating = True
-                    self.close("client close request")
+                    self._terminate(server)
                     return
                 replaced = self._special_request(data, pos, end, server)
                 if replaced is None:  # the client is gone; the server is closed with it
@@ -637,7 +650,7 @@ class ClientConn(asyncio.Protocol):
                 server.unsynced = False  # the usual case of state.requests_sent, inline
             else:
                 server.requests_sent(start)
-        elif not pending and not self._skip:
+        if not pending and not self._skip:
             self._message_done(server)
 
     def _message_done(self, server: ServerConn) -> None:
@@ -688,6 +701,24 @@ class ClientConn(asyncio.Protocol):
         self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
         return None
 
+    def _terminate(self, server: ServerConn) -> None:
+        """Terminate, after requests the server has not answered yet: PostgreSQL would answer them
+        and then close, so the client gets those replies first."""
+        self._terminating = True
+        if self._skip or (not server.pending and not server.unsynced and not server.copy_in):
+            # Nothing to wait for, or a message half written that will never be finished (the
+            # server is closed with the client then).
+            self.close("client close request")
+            return
+        if not self.transport.is_closing():
+            self.transport.pause_reading()  # nothing after Terminate counts
+        if server.unsynced or server.copy_in or server.doubt:
+            # The server goes with this client (it could not be made clean): it finishes what it
+            # was sent, ends at the Terminate, and its replies reach the client until it closes.
+            assert server.transport is not None
+            server.transport.write(m.TERMINATE)
+        # else: on_ready closes the client once the replies are in; the server is then reused.
+
     def _unnamed_guard(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn,
                        kind: int) -> bytes:
         """A Bind or Describe of the unnamed statement, which on this server is another client's:
@@ -709,6 +740,11 @@ class ClientConn(asyncio.Protocol):
         assert self.pool is not None
         name_end = data.index(0, pos + 5, end)
         name = bytes(data[pos + 5 : name_end])
+        if name in self.stmts:  # as PostgreSQL would answer on the client's own connection
+            out = bytearray()
+            server.raise_error(out, codes.DUPLICATE_PREPARED_STATEMENT,
+                               f'prepared statement "{name.decode(errors="replace")}" already exists')
+            return bytes(out)
         stmt = self.pool.registry.get(bytes(data[name_end + 1 : end]))
         self._remember(name, stmt)
         stats = self.pool.registry.stats
@@ -824,7 +860,14 @@ class ClientConn(asyncio.Protocol):
                          f'prepared statement "{name.decode(errors="replace")}" does not exist')
             else:
                 error = (codes.RESERVED_NAME, PREPARE_RESERVED)
-            return m.query(m.raise_sql(*error))
+            # Raised on the server in its place (its own transaction state follows), then Sync:
+            # the client gets the ErrorResponse and the ReadyForQuery its Query would get.
+            del server.pending[-1]
+            out = bytearray()
+            server.raise_error(out, *error)
+            out += _SYNC
+            server.pending.append(SYNC)
+            return bytes(out)
         if verb == "deallocate" and name in self.stmts:
             del self.stmts[name]
             del server.pending[-1]
@@ -843,6 +886,9 @@ class ClientConn(asyncio.Protocol):
     def on_ready(self, status: int) -> None:
         """The server answered everything we sent and reports its transaction status."""
         self.in_transaction = status != _STATUS_IDLE
+        if self._terminating:  # everything before the client's Terminate is answered
+            self.close("client close request")
+            return
         if self.mode == SESSION:
             return
         server = self.server
@@ -863,6 +909,9 @@ class ClientConn(asyncio.Protocol):
     def on_server_lost(self, server: ServerConn, reason: str) -> None:
         if self.server is server:
             self.server = None
+            if self._terminating:  # the server ended after answering, as this client asked
+                self.close("client close request")
+                return
             self.fatal(codes.CONNECTION_FAILURE, f"server connection lost: {reason}")
 
     def on_parameter_status(self, name: str, value: str) -> None:
@@ -870,6 +919,13 @@ class ClientConn(asyncio.Protocol):
         self.tracked = with_tracked(self.tracked, name, value)
         if self.settings:
             self.settings = followed(self.settings, name, value)
+
+    def name_of(self, stmt: Statement) -> bytes | None:
+        """The client's own name for a shared statement (for its error messages)."""
+        for name, mine in self.stmts.items():
+            if mine is stmt:
+                return name
+        return None
 
     def on_statements_discarded(self) -> None:
         self.stmts.clear()
@@ -1037,6 +1093,7 @@ _CLOSE_UNNAMED = m.message(b"C", b"S\0")
 _HOLD = b"<hold>"  # sentinel: send the injected messages, hold the rest until they are answered
 _RAISED = b"<raised>"  # sentinel: the request was replaced by an error raised on the server
 _DEALLOCATE_DONE = m.message(b"C", b"DEALLOCATE\0")
+_SYNC = m.message(b"S")
 CACHED_PLAN_ERROR = "cached plan must not change result type"
 # As PostgreSQL words it, routine included: drivers (asyncpg) recognise it by that and re-prepare.
 _CACHED_PLAN_REPLY = m.message(b"E", b"SERROR\0VERROR\0C0A000\0M" + CACHED_PLAN_ERROR.encode()

@@ -101,6 +101,7 @@ class ClientLink(Protocol):
     def on_server_lost(self, server: ServerConn, reason: str) -> None: ...
     def on_parameter_status(self, name: str, value: str) -> None: ...
     def on_statements_discarded(self) -> None: ...
+    def name_of(self, stmt: Statement) -> bytes | None: ...
     def on_verified(self, failed: bool) -> None: ...
 
 
@@ -279,6 +280,8 @@ class ServerConn(ServerState, asyncio.Protocol):
                 out += data[copied:pos]
                 out += self._drain_synthetic()
                 copied = pos
+                if not pending and last_z >= 0:
+                    ready = last_z  # only the pooler's own replies (or COPY markers) were left
                 continue
             if result != SPECIAL:
                 if result == STREAM:
@@ -376,7 +379,11 @@ class ServerConn(ServerState, asyncio.Protocol):
             if kind == 67:
                 self._command_tag(data[pos + 5 : end - 1], hide)
         elif kind == _E:
-            if head == HIDDEN_BIND or head == HIDDEN_EXECUTE or (
+            if head == BIND_NAMED or head == DESCRIBE_NAMED or head == PARSE_NAMED:
+                renamed = self._in_client_terms(data[pos:end])
+                if renamed is not None:
+                    hide, extra = True, renamed
+            elif head == HIDDEN_BIND or head == HIDDEN_EXECUTE or (
                     head == HIDDEN_PARSE and self.refs[0] is None):
                 reply = self.raised[0]  # raise_error's: shown as the pooler words it, if it does
                 if reply is not None:
@@ -404,6 +411,21 @@ class ServerConn(ServerState, asyncio.Protocol):
             elif kind != COPY_END:  # a CopyDone/CopyFail marker: owed nothing
                 extra += SYNTH_REPLY[kind]
         return extra
+
+    def _in_client_terms(self, error: bytes) -> bytes | None:
+        """An ErrorResponse about a shared statement names the pooler's server-side statement:
+        the same error naming the client's own statement instead (None: nothing to change)."""
+        stmt = self.refs[0]
+        if stmt is None or self.client is None:
+            return None
+        quoted = b'"' + stmt.server_name + b'"'
+        if quoted not in error:
+            return None
+        name = self.client.name_of(stmt)
+        if name is None:
+            return None
+        body = error[5:].replace(quoted, b'"' + name + b'"')
+        return m.message(b"E", body)
 
     def _synthetic_query(self, reply: bytes) -> bytes:
         """The pooler's answer to a simple Query, as PostgreSQL would give it now (status is
@@ -543,7 +565,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         error here, so the server's state follows as for any error (the transaction fails, the
         rest of the batch is skipped until Sync). Only the ErrorResponse reaches the client: the
         server's, or `reply` instead where its exact fields matter."""
-        self.raised.append(reply)
+        # Without reply, the error as PostgreSQL words its own (no PL/pgSQL context line).
+        self.raised.append(reply if reply is not None else m.error_response(code, text))
         out += _RAISE_CLOSE
         out += m.parse_message(_RAISE_NAME, m.cstr(m.raise_sql(code, text)) + b"\0\0")
         out += _RAISE_BIND_EXECUTE

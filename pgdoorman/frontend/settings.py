@@ -326,6 +326,9 @@ class Probe:
     def on_verified(self, failed: bool) -> None:
         pass
 
+    def name_of(self, stmt: object) -> bytes | None:
+        return None
+
 
 # --- the replay ---
 

@@ -115,9 +115,16 @@ class ServerState:
         CopyDone/CopyFail, are ignored by PostgreSQL. Started by an Execute, the batch stays open
         until the Sync after CopyDone."""
         self.copy_in = True
-        if self.pending and self.pending[0] != QUERY:
-            self.unsynced = True
-        self._drop_ignored_syncs(1)
+        pending = self.pending
+        if pending and pending[0] != QUERY:
+            self._drop_ignored_syncs(1)
+            # The batch is open until a Sync that counts: one sent after CopyDone, if any yet.
+            i = len(pending) - 1
+            while i > 0 and pending[i] == COPY_END:
+                i -= 1
+            self.unsynced = self.copy_in or pending[i] not in (SYNC, QUERY)
+        else:
+            self._drop_ignored_syncs(1)
 
     def _drop_ignored_syncs(self, start: int) -> None:
         pending = self.pending
