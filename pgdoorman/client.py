@@ -740,8 +740,10 @@ class ClientConn(asyncio.Protocol):
         assert self.pool is not None
         name_end = data.index(0, pos + 5, end)
         name = bytes(data[pos + 5 : name_end])
-        if name in self.stmts:  # as PostgreSQL would answer on the client's own connection
+        if name in self.stmts:  # as PostgreSQL would answer on the client's own connection:
+            # the query is parsed first (a syntax error wins), then the name is found taken.
             out = bytearray()
+            server.check_syntax(bytes(data[name_end + 1 : end]), out)
             server.raise_error(out, codes.DUPLICATE_PREPARED_STATEMENT,
                                f'prepared statement "{name.decode(errors="replace")}" already exists')
             return bytes(out)
@@ -929,6 +931,11 @@ class ClientConn(asyncio.Protocol):
 
     def on_statements_discarded(self) -> None:
         self.stmts.clear()
+
+    def on_parse_failed(self, stmt: Statement) -> None:
+        """A Parse of this client's failed or was skipped: the name it gave does not exist."""
+        for name in [name for name, mine in self.stmts.items() if mine is stmt]:
+            del self.stmts[name]
 
     # --- closing ---
 

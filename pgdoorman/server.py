@@ -61,6 +61,9 @@ _CACHED_PLAN_MSG = b"cached plan must not change result type"
 # ServerConn.raise_error: a one-shot statement of the pooler's (closed first: a previous one may
 # still be there, its Close skipped after its own error).
 _FLUSH = m.message(b"H")
+_CHECK_NAME = b"PGDOORMAN_check"
+_CHECK_CLOSE = m.close_statement(_CHECK_NAME)
+_SYNTAX_CHECK = Statement(b"", _CHECK_NAME, b"", _CHECK_CLOSE)  # the ref of check_syntax's Parse
 _RAISE_NAME = b"PGDOORMAN_raise"
 _RAISE_CLOSE = m.close_statement(_RAISE_NAME)
 _RAISE_BIND_EXECUTE = m.message(b"B", _RAISE_NAME.join((b"\0", b"\0\0\0\0\0\0\0"))) + m.message(
@@ -102,6 +105,7 @@ class ClientLink(Protocol):
     def on_parameter_status(self, name: str, value: str) -> None: ...
     def on_statements_discarded(self) -> None: ...
     def name_of(self, stmt: Statement) -> bytes | None: ...
+    def on_parse_failed(self, stmt: Statement) -> None: ...
     def on_verified(self, failed: bool) -> None: ...
 
 
@@ -529,6 +533,8 @@ class ServerConn(ServerState, asyncio.Protocol):
     def skipped(self, kind: int, ref: Statement | None) -> None:
         if ref is not None and (kind == PARSE_NAMED or kind == HIDDEN_PARSE):
             self.statements.discard(ref)  # its Parse never ran
+            if kind == PARSE_NAMED and self.client is not None:
+                self.client.on_parse_failed(ref)
         elif kind == HIDDEN_DESCRIBE and self.client is not None:
             self.client.on_verified(True)
 
@@ -559,6 +565,17 @@ class ServerConn(ServerState, asyncio.Protocol):
         out += _FLUSH
         self.pending.append(HIDDEN_DESCRIBE)
         self.refs.append(stmt)
+
+    def check_syntax(self, query_and_types: bytes, out: bytearray) -> None:
+        """Append a hidden Parse (and Close) of this query under a throw-away name: if it fails,
+        the client gets PostgreSQL's error and the rest of the batch is skipped."""
+        out += _CHECK_CLOSE  # one left by an earlier check whose Close was skipped
+        out += m.parse_message(_CHECK_NAME, query_and_types)
+        out += _CHECK_CLOSE
+        self.pending.append(HIDDEN_CLOSE)
+        self.pending.append(HIDDEN_PARSE)
+        self.refs.append(_SYNTAX_CHECK)
+        self.pending.append(HIDDEN_CLOSE)
 
     def raise_error(self, out: bytearray, code: str, text: str, reply: bytes | None = None) -> None:
         """Append to out the extended-protocol messages that make PostgreSQL itself raise this

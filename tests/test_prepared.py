@@ -352,5 +352,6 @@ def test_error_mid_pipeline_keeps_statement_maps_consistent(tx_pool):
         if res.status == pq.ExecStatus.TUPLES_OK:
             assert res.get_value(0, 0) == b"3"
         else:
-            message = res.get_error_message().decode()
+            message = res.get_error_message()
+            message = message.decode() if isinstance(message, bytes) else message
             assert "good2" in message and "PGDOORMAN" not in message, message

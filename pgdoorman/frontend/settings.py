@@ -329,6 +329,9 @@ class Probe:
     def name_of(self, stmt: object) -> bytes | None:
         return None
 
+    def on_parse_failed(self, stmt: object) -> None:
+        pass
+
 
 # --- the replay ---
 

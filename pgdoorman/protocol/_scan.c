@@ -180,6 +180,15 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                 result = STREAM;
                 break;
             }
+            if (kind == 'Q' && check_names) { /* a Query the pooler may have to read: its start */
+                Py_ssize_t avail = n - pos - 5, want = length - 4 < 10 ? length - 4 : 10;
+                if (avail < want)
+                    break;
+                if (strchr("DdPp", data[pos + 5]) &&
+                    ((avail >= 10 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
+                     (avail >= 7 && !strncasecmp((const char *)data + pos + 5, "prepare", 7))))
+                    break;
+            }
             if (!strchr("PBDCX", kind) || kind == 0) {
                 unsigned char owed = 0;
                 switch (kind) {

@@ -129,6 +129,11 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
                 return n, STREAM, end - n
             if kind in _WHOLE:
                 return pos, DONE, 0
+            if kind == 81 and check_names:  # a Query the pooler may have to read: see its start
+                if n - pos - 5 < min(length - 4, 10) or (
+                        data[pos + 5] in b"DdPp"
+                        and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES)):
+                    return pos, DONE, 0
             owed = _STREAMED_REQUEST.get(kind)
             if owed is not None:
                 pending.append(owed)
