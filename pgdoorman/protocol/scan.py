@@ -94,7 +94,7 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
         elif kind == 84 or kind == 110:
             popped = head == DESCRIBE
         elif kind == 67 or kind == 73 or kind == 115:
-            if kind == 67 and (data[pos + 5] == 68 or data[pos + 5 : end] in _SESSION_TAGS):
+            if kind == 67 and (data[pos + 5] == 68 or bytes(data[pos + 5 : end]) in _SESSION_TAGS):
                 return pos, SPECIAL, 0, last_z  # DISCARD/DEALLOCATE ALL, or session state changed
             popped = head == EXECUTE
         pos = end
