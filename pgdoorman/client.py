@@ -61,6 +61,7 @@ from pgdoorman.protocol.scan import (
     SYNTH_CLOSE,
     SYNTH_PARSE,
     SYNTH_QUERY,
+    message_need,
     scan_requests,
 )
 from pgdoorman.server import (
@@ -635,7 +636,7 @@ class ClientConn(asyncio.Protocol):
             break
         if pos < n:
             self._partial = data[pos:]  # an incomplete message to read whole
-            self._need = n - pos + 1 if n - pos < 5 else 1 + _unpack_len(data, pos + 1)[0]
+            self._need = message_need(data, pos)
         if out is None:
             if pos:
                 transport.write(data if pos >= n else data[:pos])

@@ -42,6 +42,7 @@ from pgdoorman.protocol.scan import (
     SYNTH_DUE,
     SYNTH_PARSE,
     SYNTH_QUERY,
+    message_need,
     scan_replies,
 )
 from pgdoorman.protocol.state import HAS_REF, ServerState
@@ -308,7 +309,7 @@ class ServerConn(ServerState, asyncio.Protocol):
             pos = end
         if pos < n:
             self._partial = data[pos:]  # an incomplete message the pooler must see whole
-            self._need = n - pos + 1 if n - pos < 5 else 1 + _unpack_len(data, pos + 1)[0]
+            self._need = message_need(data, pos)
         if out is None:
             payload: bytes | bytearray = data if pos >= n else data[:pos]
         else:

@@ -365,6 +365,21 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
     return fields
 
 
+def data_row_values(body: bytes) -> list[str | None]:
+    """The columns of a DataRow body, as text (None for NULL)."""
+    (n,) = struct.unpack("!H", body[:2])
+    pos, row = 2, []
+    for _ in range(n):
+        (ln,) = struct.unpack("!i", body[pos:pos + 4])
+        pos += 4
+        if ln < 0:
+            row.append(None)
+        else:
+            row.append(body[pos:pos + ln].decode())
+            pos += ln
+    return row
+
+
 class ProtocolEOF(Exception):
     pass
 
@@ -468,17 +483,7 @@ class RawConn:
         while True:
             mtype, body = self.recv_message()
             if mtype == b"D":
-                (n,) = struct.unpack("!H", body[:2])
-                pos, row = 2, []
-                for _ in range(n):
-                    (ln,) = struct.unpack("!i", body[pos:pos + 4])
-                    pos += 4
-                    if ln < 0:
-                        row.append(None)
-                    else:
-                        row.append(body[pos:pos + ln].decode())
-                        pos += ln
-                rows.append(row)
+                rows.append(data_row_values(body))
             elif mtype == b"E":
                 errors.append(parse_error_fields(body))
             elif mtype == b"Z":

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
-from helpers import ProtocolEOF, RawConn, message, parse_error_fields, query_message
+from helpers import ProtocolEOF, RawConn, data_row_values, message, parse_error_fields, query_message
 
 from pgdoorman.devcluster import Cluster
 
@@ -199,19 +199,8 @@ def nothing_more(conn: RawConn, wait: float = 0.3) -> list[Msg]:
 def rows_of(msgs: Sequence[Msg]) -> list[list[str | None]]:
     rows: list[list[str | None]] = []
     for t, body in msgs:
-        if t != b"D":
-            continue
-        (n,) = struct.unpack("!H", body[:2])
-        pos, row = 2, []
-        for _ in range(n):
-            (ln,) = struct.unpack("!i", body[pos:pos + 4])
-            pos += 4
-            if ln < 0:
-                row.append(None)
-            else:
-                row.append(body[pos:pos + ln].decode())
-                pos += ln
-        rows.append(row)
+        if t == b"D":
+            rows.append(data_row_values(body))
     return rows
 
 

@@ -173,6 +173,12 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
     return pos, DONE, 0
 
 
+def message_need(data: bytes | bytearray, pos: int) -> int:
+    """How long data[pos:], an incomplete message, must grow before it can be read whole."""
+    have = len(data) - pos
+    return have + 1 if have < 5 else 1 + _unpack_len(data, pos + 1)[0]
+
+
 scan_replies = py_scan_replies
 scan_requests = py_scan_requests
 COMPILED = False
