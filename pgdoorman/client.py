@@ -50,6 +50,7 @@ from pgdoorman.protocol.scan import (
     DESCRIBE,
     DESCRIBE_NAMED,
     HIDDEN_CLOSE,
+    HIDDEN_PARSE,
     NAMES_GUARDED,
     NAMES_MAPPED,
     NAMES_PLAIN,
@@ -66,6 +67,7 @@ from pgdoorman.protocol.scan import (
 )
 from pgdoorman.server import (
     SYNTH_REPLY,
+    UNNAMED_REPARSE,
     ServerConn,
     tracked_values,
     with_tracked,
@@ -86,6 +88,7 @@ _pack_hdr = struct.Struct("!cI").pack
 STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
+_STATUS_FAILED = 69
 
 
 class ClientConn(asyncio.Protocol):
@@ -96,7 +99,7 @@ class ClientConn(asyncio.Protocol):
         "_timer", "_verify_hold", "_hold_prefix", "_no_verify", "_drop", "_dropping",
         "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
         "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
-        "stmts", "tracked", "settings", "_asked",
+        "stmts", "tracked", "settings", "_asked", "_unnamed", "_unnamed_saved", "_closed",
         "transport", "wait_since", "waiting",
     )
 
@@ -140,6 +143,11 @@ class ClientConn(asyncio.Protocol):
         self._verify_hold: bytearray | None = None
         self._hold_prefix = b""
         self._no_verify = False
+        # This client's unnamed statement (see _note_unnamed), for a Bind on another server.
+        self._unnamed: tuple[bytes, int, int] | bytes | None = None
+        self._unnamed_saved: tuple[bytes, int, int] | bytes | None = None
+        # Statements it closed while replies were still owed: their names, for those errors.
+        self._closed: dict[Statement, bytes] = {}
         self._drop = 0  # bytes of a replaced request still to come: dropped
         self._dropping = False
         self._timer: asyncio.TimerHandle | None = None  # login timeout
@@ -584,9 +592,19 @@ class ClientConn(asyncio.Protocol):
             names = NAMES_PLAIN if session else (
                 NAMES_MAPPED if server.unnamed_owner is self else NAMES_GUARDED)
             scanned_from = len(pending)
+            scan_start = pos
             pos, result, skip = scan_requests(data, pos, pending, names, self._max_message)
-            if names == NAMES_GUARDED and pending.find(PARSE, scanned_from) >= 0:
-                server.unnamed_owner = self  # its own unnamed Parse came before any use of it
+            if names != NAMES_PLAIN and len(pending) != scanned_from:
+                # Whose unnamed statement the server holds, and which one is this client's (a
+                # later Bind without Parse may need it on another server): an unnamed Parse sets
+                # it, any simple Query drops it (as PostgreSQL does).
+                parse_at = pending.rfind(PARSE, scanned_from)
+                if parse_at >= 0:
+                    server.unnamed_owner = self if pending.find(QUERY, parse_at) < 0 else None
+                    self._note_unnamed(data, scan_start, pos)
+                elif pending.find(QUERY, scanned_from) >= 0:
+                    server.unnamed_owner = None
+                    self._unnamed_saved, self._unnamed = self._unnamed, None  # see on_query_skipped
             if result == SPECIAL:
                 end = pos + 1 + _unpack_len(data, pos + 1)[0]
                 if data[pos] == 88:  # Terminate: what came before it still goes to the server
@@ -694,7 +712,12 @@ class ClientConn(asyncio.Protocol):
             return self._own_query(data, pos, end, server)
         if kind == 67:  # Close of a named statement
             if named:
-                self.stmts.pop(bytes(data[pos + 6 : end - 1]), None)
+                name = bytes(data[pos + 6 : end - 1])
+                closed = self.stmts.pop(name, None)
+                if closed is not None and server.pending:  # errors owed before it name it still
+                    self._closed[closed] = name
+                    if len(self._closed) > _CLOSED_KEEP:
+                        del self._closed[next(iter(self._closed))]
                 self._synthetic(server, SYNTH_CLOSE)
                 return b""
             server.pending.append(CLOSE)
@@ -706,9 +729,10 @@ class ClientConn(asyncio.Protocol):
         """Terminate, after requests the server has not answered yet: PostgreSQL would answer them
         and then close, so the client gets those replies first."""
         self._terminating = True
-        if self._skip or (not server.pending and not server.unsynced and not server.copy_in):
-            # Nothing to wait for, or a message half written that will never be finished (the
-            # server is closed with the client then).
+        if self._skip or (not server.pending and (server.skipping or not (
+                server.unsynced or server.copy_in))):
+            # Nothing to wait for (a backend skipping until Sync ignores Terminate too), or a
+            # message half written that will never be finished: the server goes with the client.
             self.close("client close request")
             return
         if not self.transport.is_closing():
@@ -720,15 +744,37 @@ class ClientConn(asyncio.Protocol):
             server.transport.write(m.TERMINATE)
         # else: on_ready closes the client once the replies are in; the server is then reused.
 
+    def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
+        """data[start:end] holds this client's latest unnamed Parse (or a Query after it). Kept by
+        reference while small and immutable; read only if a later Bind needs it (_unnamed_guard)."""
+        if type(data) is bytes and len(data) <= _UNNAMED_KEEP:
+            self._unnamed = (data, start, end)
+        else:
+            self._unnamed = _last_unnamed_parse(data, start, end)
+
+    def _unnamed_parse(self) -> bytes | None:
+        """The Parse of this client's unnamed statement as it exists directly, or None."""
+        src = self._unnamed
+        if isinstance(src, tuple):
+            src = self._unnamed = _last_unnamed_parse(*src)
+        return src
+
     def _unnamed_guard(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn,
                        kind: int) -> bytes:
-        """A Bind or Describe of the unnamed statement, which on this server is another client's:
-        close it first (hidden), so PostgreSQL answers as it would this client alone ("unnamed
-        prepared statement does not exist")."""
+        """A Bind or Describe of the unnamed statement, which on this server is not this client's.
+        Directly it would be the client's own last unnamed Parse (it outlives Sync and the
+        transaction): parse that again first, hidden. With none, close the server's (hidden), so
+        PostgreSQL answers "unnamed prepared statement does not exist" as it would directly."""
         server.unnamed_owner = self
-        server.pending.append(HIDDEN_CLOSE)
+        parse = self._unnamed_parse()
+        if parse is None:
+            server.pending.append(HIDDEN_CLOSE)
+            server.pending.append(kind)
+            return _CLOSE_UNNAMED + bytes(data[pos:end])
+        server.pending.append(HIDDEN_PARSE)
+        server.refs.append(UNNAMED_REPARSE)
         server.pending.append(kind)
-        return _CLOSE_UNNAMED + bytes(data[pos:end])
+        return parse + bytes(data[pos:end])
 
     def _synthetic(self, server: ServerConn, kind: int) -> None:
         """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
@@ -749,15 +795,22 @@ class ClientConn(asyncio.Protocol):
                                f'prepared statement "{name.decode(errors="replace")}" already exists')
             return bytes(out)
         stmt = self.pool.registry.get(bytes(data[name_end + 1 : end]))
-        self._remember(name, stmt)
         stats = self.pool.registry.stats
         stats.client_parses += 1
+        out = bytearray()
         if server.statements.has(stmt):
             stats.hits += 1
-            self._synthetic(server, SYNTH_PARSE)
-            return b""
-        out = bytearray()
-        server.prepare_statement(stmt, out, hidden=False)
+            if server.skipping and not server.pending:
+                return b""  # PostgreSQL would skip this Parse: no reply, and no statement
+            if server.pending or server.status == _STATUS_FAILED:
+                # What comes before it, or a failed transaction (25P02), may make this Parse
+                # fail: PostgreSQL parses it (under a throw-away name), its reply is the client's.
+                server.parse_in_place(bytes(data[name_end + 1 : end]), out, name)
+            else:
+                self.transport.write(SYNTH_REPLY[SYNTH_PARSE])
+        else:
+            server.prepare_statement(stmt, out, client_name=name)
+        self._remember(name, stmt)
         return bytes(out)
 
     def _remember(self, name: bytes, stmt: Statement) -> None:
@@ -851,6 +904,8 @@ class ClientConn(asyncio.Protocol):
         client's protocol-level names are the pooler's to deallocate, and the pooler's own
         server-side names are no client's."""
         server.pending.append(QUERY)
+        server.unnamed_owner = None  # any simple Query drops the unnamed statement
+        self._unnamed_saved, self._unnamed = self._unnamed, None
         sql = bytes(data[pos + 5 : end - 1])
         parsed = parse_own_query(sql)
         if parsed is None:
@@ -909,6 +964,14 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
 
+    def on_stalled(self) -> None:
+        """The server waits for this client: it skips input until Sync after an error (every
+        reply owed already relayed), or COPY FROM STDIN waits for data. After a Terminate or a
+        half-close that is the end: PostgreSQL ignores Terminate while skipping, and ends a COPY
+        at the client's EOF; it would close when the client closes."""
+        if self._terminating:
+            self.close("client close request")
+
     def on_server_lost(self, server: ServerConn, reason: str) -> None:
         if self.server is server:
             self.server = None
@@ -928,14 +991,25 @@ class ClientConn(asyncio.Protocol):
         for name, mine in self.stmts.items():
             if mine is stmt:
                 return name
-        return None
+        return self._closed.get(stmt)
 
     def on_statements_discarded(self) -> None:
         self.stmts.clear()
 
-    def on_parse_failed(self, stmt: Statement) -> None:
-        """A Parse of this client's failed or was skipped: the name it gave does not exist."""
-        for name in [name for name, mine in self.stmts.items() if mine is stmt]:
+    def on_query_skipped(self) -> None:
+        """A simple Query of this client's was skipped (inside a failed batch): it dropped no
+        unnamed statement after all."""
+        if self._unnamed is None:
+            self._unnamed = self._unnamed_saved
+
+    def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None:
+        """This client's Parse of name failed or was skipped: the name does not exist (unless a
+        later Parse, already answered by the pooler, gave it again)."""
+        if not name:  # its unnamed Parse: known difference, a skipped one leaves none either
+            self._unnamed = None
+            return
+        mine = self.stmts.get(name)
+        if mine is not None and (stmt is None or mine is stmt):
             del self.stmts[name]
 
     # --- closing ---
@@ -1057,6 +1131,7 @@ class ClientConn(asyncio.Protocol):
             "params": self.params, "settings": self.settings, "cancel_key": self.cancel_key,
             "connected_at": self.connected_at,
             "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
+            "unnamed": self._unnamed_parse(),
             "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
         }
         pool.cancel_wait(self)
@@ -1079,6 +1154,7 @@ class ClientConn(asyncio.Protocol):
         self.tracked = tracked_values(self.params)
         self.settings = tuple((name, value) for name, value in state["settings"])
         self.stmts = {name: pool.registry.get(key) for name, key in state["stmts"]}
+        self._unnamed = state.get("unnamed")
         pid, key = state["cancel_key"]
         self.cancel_key = (pid, key)
         self.app.cancels.adopt(self)
@@ -1111,6 +1187,22 @@ MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 
 
 _NO_REPLY_KINDS = frozenset(b"dcfH")
+_CLOSED_KEEP = 16  # names of statements closed while replies were owed (name_of)
+_UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_parse
+
+
+def _last_unnamed_parse(data: bytes | bytearray, start: int, end: int) -> bytes | None:
+    """The last whole unnamed Parse in the messages data[start:end], unless a Query follows it."""
+    found = None
+    pos, n = start, len(data)
+    while pos + 5 <= end:
+        kind, stop = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
+        if kind == 81:
+            found = None
+        elif kind == 80 and stop <= n and data[pos + 5] == 0:
+            found = (pos, stop)
+        pos = stop
+    return None if found is None else bytes(data[found[0] : found[1]])
 
 
 def _whole_no_reply_prefix(data: bytes | bytearray) -> int:

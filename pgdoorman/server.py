@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
@@ -34,6 +34,7 @@ from pgdoorman.protocol.scan import (
     HIDDEN_EXECUTE,
     HIDDEN_PARSE,
     HIDDEN_QUERY,
+    PARSE,
     PARSE_NAMED,
     QUERY,
     SPECIAL,
@@ -65,6 +66,8 @@ _FLUSH = m.message(b"H")
 _CHECK_NAME = b"PGDOORMAN_check"
 _CHECK_CLOSE = m.close_statement(_CHECK_NAME)
 _SYNTAX_CHECK = Statement(b"", _CHECK_NAME, b"", _CHECK_CLOSE)  # the ref of check_syntax's Parse
+# The ref of a client's unnamed Parse sent again on another server (client._unnamed_guard).
+UNNAMED_REPARSE = Statement(b"", b"", b"", b"")
 _RAISE_NAME = b"PGDOORMAN_raise"
 _RAISE_CLOSE = m.close_statement(_RAISE_NAME)
 _RAISE_BIND_EXECUTE = m.message(b"B", _RAISE_NAME.join((b"\0", b"\0\0\0\0\0\0\0"))) + m.message(
@@ -106,8 +109,10 @@ class ClientLink(Protocol):
     def on_parameter_status(self, name: str, value: str) -> None: ...
     def on_statements_discarded(self) -> None: ...
     def name_of(self, stmt: Statement) -> bytes | None: ...
-    def on_parse_failed(self, stmt: Statement) -> None: ...
+    def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None: ...
     def on_verified(self, failed: bool) -> None: ...
+    def on_stalled(self) -> None: ...
+    def on_query_skipped(self) -> None: ...
 
 
 class ServerError(Exception):
@@ -326,6 +331,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             client.transport.write(payload)
         if ready >= 0:
             self._on_ready(ready)
+        elif client is not None and (self.copy_in or self.skipping and not pending):
+            client.on_stalled()  # nothing more comes until the client sends Sync or COPY data
 
     def _special_reply(self, data: bytes, pos: int, end: int) -> tuple[bool, bytes]:
         """One reply the scanner left to us: returns (hide it, replies to insert after it)."""
@@ -355,6 +362,8 @@ class ServerConn(ServerState, asyncio.Protocol):
                 ref = self.refs.popleft()
                 if ref is not None:
                     ref.confirmed = True
+                if head == PARSE_NAMED:
+                    self.parse_names.popleft()
             hide = head == HIDDEN_PARSE
         elif kind == 50:  # BindComplete
             del pending[0]
@@ -531,19 +540,33 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.skip_to_sync()
         return True
 
-    def skipped(self, kind: int, ref: Statement | None) -> None:
-        if ref is not None and (kind == PARSE_NAMED or kind == HIDDEN_PARSE):
-            self.statements.discard(ref)  # its Parse never ran
-            if kind == PARSE_NAMED and self.client is not None:
-                self.client.on_parse_failed(ref)
+    def skipped(self, kind: int, ref: Any) -> None:
+        if kind == PARSE_NAMED:
+            stmt, name = ref
+            if stmt is _SYNTAX_CHECK:  # parse_in_place: the client's name is all there was
+                stmt = None
+            else:
+                self.statements.discard(stmt)  # its Parse never ran
+            if self.client is not None:
+                self.client.on_parse_failed(name, stmt)
+        elif kind == QUERY:
+            if self.client is not None:
+                self.client.on_query_skipped()
+        elif kind == PARSE:  # the client's unnamed Parse
+            if self.client is not None:
+                self.client.on_parse_failed(b"", None)
+        elif kind == HIDDEN_PARSE and ref is not None:
+            self.statements.discard(ref)
         elif kind == HIDDEN_DESCRIBE and self.client is not None:
             self.client.on_verified(True)
 
     # --- used by the client and the pool ---
 
-    def prepare_statement(self, stmt: Statement, out: bytearray, hidden: bool = True) -> None:
+    def prepare_statement(self, stmt: Statement, out: bytearray,
+                          client_name: bytes | None = None) -> None:
         """Append to out the Parse that makes stmt exist here (after Closes of a stale copy or an
-        evicted statement); a hidden Parse's ParseComplete never reaches the client."""
+        evicted statement). Hidden (its ParseComplete never reaches the client) unless it is the
+        client's own Parse of client_name."""
         stats = self.pool.registry.stats
         if stmt in self.statements.stale:
             self.statements.stale.discard(stmt)
@@ -555,7 +578,11 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.pending.append(HIDDEN_CLOSE)
             stats.evictions += 1
         out += stmt.parse_msg
-        self.pending.append(HIDDEN_PARSE if hidden else PARSE_NAMED)
+        if client_name is None:
+            self.pending.append(HIDDEN_PARSE)
+        else:
+            self.pending.append(PARSE_NAMED)
+            self.parse_names.append(client_name)
         self.refs.append(stmt)
         stats.server_parses += 1
 
@@ -578,6 +605,19 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.refs.append(_SYNTAX_CHECK)
         self.pending.append(HIDDEN_CLOSE)
 
+    def parse_in_place(self, query_and_types: bytes, out: bytearray, client_name: bytes) -> None:
+        """The client's Parse of a statement this server already has, where PostgreSQL must say
+        whether it succeeds now: parsed under a throw-away name (and closed); its ParseComplete or
+        ErrorResponse is the client's, and a failure leaves the client's name undefined."""
+        out += _CHECK_CLOSE
+        out += m.parse_message(_CHECK_NAME, query_and_types)
+        out += _CHECK_CLOSE
+        self.pending.append(HIDDEN_CLOSE)
+        self.pending.append(PARSE_NAMED)
+        self.refs.append(_SYNTAX_CHECK)
+        self.parse_names.append(client_name)
+        self.pending.append(HIDDEN_CLOSE)
+
     def raise_error(self, out: bytearray, code: str, text: str, reply: bytes | None = None) -> None:
         """Append to out the extended-protocol messages that make PostgreSQL itself raise this
         error here, so the server's state follows as for any error (the transaction fails, the
@@ -594,6 +634,7 @@ class ServerConn(ServerState, asyncio.Protocol):
     def send_hidden(self, sql: str) -> None:
         """Run the pooler's own query; all of its replies are hidden."""
         assert self.transport is not None
+        self.unnamed_owner = None  # a simple Query drops the unnamed statement
         self.pending.append(HIDDEN_QUERY)
         self.transport.write(m.query(sql))
 

@@ -549,3 +549,54 @@ def test_unnamed_statement_is_per_client(pg, one_server, workers, what, first, b
 def test_unnamed_statement_is_per_session(pg, one_server, workers, what, batch):
     _unnamed_case(pg, one_server("session", workers), what, "gone", batch)
 
+
+
+def _describe_then_exec(conn: RawConn, sql: str, between=None) -> list:
+    """pgx's describe-exec mode: Parse + Describe + Sync, then (another round trip, another
+    transaction) Bind + Execute of the same unnamed statement, with no Parse."""
+    conn.send(parse(sql) + describe(b"S") + SYNC)
+    first = read_replies(conn, what="Parse + Describe")
+    if between is not None:
+        between()
+    conn.send(bind(("7",)) + execute() + SYNC)
+    return first + read_replies(conn, what="Bind + Execute without Parse")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("other", ["simple-query", "own-unnamed", "none"])
+def test_unnamed_statement_outlives_the_transaction(pg, one_server, workers, other):
+    """Case 11's other half: a client's unnamed statement lives on after Sync, until its own next
+    unnamed Parse or simple Query. Another client using the one server in between (a simple Query
+    drops the server's unnamed statement; an unnamed Parse replaces it) must not change what the
+    client's later Bind runs: the pooler parses the client's statement again, as directly it still
+    exists."""
+    p = one_server("transaction", workers)
+    sql = "SELECT $1::int * 6 AS mine"
+    d = direct(pg)
+    expected = _describe_then_exec(d, sql)
+    d.close()
+    assert rows_of(expected) == [["42"]]
+    a, b = via(p), via(p)
+
+    def other_client() -> None:
+        if other == "simple-query":
+            b.send(Q("SELECT 'b'"))
+        elif other == "own-unnamed":
+            b.send(parse("SELECT 'theirs' AS x") + bind() + execute() + SYNC)
+        else:
+            return
+        assert not errors_of(read_replies(b, what="the other client's request"))
+
+    got = _describe_then_exec(a, sql, other_client)
+    assert normalise(got) == normalise(expected)
+    # The other client's own unnamed statement is still its own, too.
+    if other == "own-unnamed":
+        b.send(bind() + execute() + SYNC)
+        assert rows_of(read_replies(b)) == [["theirs"]]
+    # A simple Query drops the client's unnamed statement, as directly: then 26000.
+    a.send(Q("SELECT 1"))
+    read_replies(a)
+    a.send(bind(("7",)) + execute() + SYNC)
+    assert [e["C"] for e in errors_of(read_replies(a))] == ["26000"]
+    a.close()
+    b.close()

@@ -329,7 +329,13 @@ class Probe:
     def name_of(self, stmt: object) -> bytes | None:
         return None
 
-    def on_parse_failed(self, stmt: object) -> None:
+    def on_parse_failed(self, name: bytes, stmt: object) -> None:
+        pass
+
+    def on_stalled(self) -> None:
+        pass
+
+    def on_query_skipped(self) -> None:
         pass
 
 

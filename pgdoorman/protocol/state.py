@@ -38,7 +38,7 @@ _READY_KINDS = (QUERY, SYNC, HIDDEN_QUERY)  # requests answered by ReadyForQuery
 class ServerState:
     """Mixed into ServerConn: the protocol state of one server connection."""
 
-    __slots__ = ("copy_in", "doubt", "pending", "raised", "refs", "skipping", "status",
+    __slots__ = ("copy_in", "doubt", "parse_names", "pending", "raised", "refs", "skipping", "status",
                  "synth_replies", "unnamed_owner", "unsynced")
 
     def init_state(self) -> None:
@@ -63,6 +63,9 @@ class ServerState:
         # ServerConn.raise_error: the ErrorResponse to show for each raise (None: the server's),
         # one per HIDDEN_EXECUTE in pending.
         self.raised: deque[bytes | None] = deque()
+        # The client's name for each of its Parses owed a reply (one per PARSE_NAMED, in order):
+        # a Parse that fails or is skipped must leave exactly that name undefined.
+        self.parse_names: deque[bytes] = deque()
 
     # --- whether the server may be lent ---
 
@@ -175,6 +178,8 @@ class ServerState:
         ref = None
         if kind in HAS_REF:
             ref = self.refs.popleft()
+            if kind == PARSE_NAMED:
+                ref = (ref, self.parse_names.popleft())
         elif kind == SYNTH_QUERY:
             self.synth_replies.popleft()
         elif kind == HIDDEN_EXECUTE:
@@ -184,4 +189,5 @@ class ServerState:
         self.skipped(kind, ref)
 
     def skipped(self, kind: int, ref: Any) -> None:
-        """Hook: a request of this kind (and its ref) was skipped by the server."""
+        """Hook: a request of this kind (and its ref) was skipped by the server. The ref of a
+        PARSE_NAMED is (statement, client's name)."""

@@ -498,6 +498,8 @@ def show(n: Norm) -> str:
         return f"Z({n[1]})"
     if t == "D":
         return "D" + repr(list(n[1:]))
+    if t == "S":
+        return "S" + repr(b"=".join(n[1:]))
     if t in ("EOF", "TIMEOUT", "CANCEL", "LOGIN", "SEND-ERROR"):
         return f"<{' '.join(map(str, n))}>"
     body = n[1] if len(n) > 1 else b""
@@ -609,7 +611,10 @@ class FuzzEnv:
 
     def _start(self) -> Pooler:
         pools = pool_config(POOL, self.mode, 1, users=(USER,), server_database=DATABASE)
-        return self.launcher.start(pools, {"workers": self.cfg.workers, "query_wait_timeout": "30s"})
+        # application_name "": servers report what PostgreSQL reports to a client that sets none
+        # (the default "pgdoorman" shows where a rolled-back SET falls back to the pool's value).
+        return self.launcher.start(pools, {"workers": self.cfg.workers, "query_wait_timeout": "30s",
+                                           "application_name": ""})
 
     def ensure_pooler(self) -> Pooler:
         if not self.pooler.alive():

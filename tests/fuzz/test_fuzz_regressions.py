@@ -136,6 +136,35 @@ REGRESSIONS = [
         Step((Query('SELECT 1'), Parse('SELECT length($1)', name='s1'),
               Bind(params=(Pad(117651),), stmt='s1'), Execute(), Sync()), cuts=(201, 3938, 15890)),
     ], BOTH, id="flaky-late-cancel-hits-later-query"),
+    # case 11 (session 4): a simple Query inside a batch that failed before it is skipped, so it
+    # drops no unnamed statement; the pooler took it as run and answered the later Bind without
+    # Parse with 26000, where directly the statement of step 3 runs.
+    pytest.param([
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+        Step((Bind(), Execute(), Query('SELECT 1'), Sync())),
+        Step((Bind(params=('1',)), Execute(), Sync())),
+    ], BOTH, id="unnamed-survives-skipped-query"),
+    # prepared statements "exactly as directly" (session 4): in a failed transaction a Parse is
+    # 25P02; the pooler answered ParseComplete itself, as the server had the statement already.
+    pytest.param([
+        Step((Parse('BEGIN'), Bind(), Execute(), Parse('SELECT length($1)', name='s2'),
+              Bind(params=('a',), stmt='s2'), Execute(), Bind(params=('1',)), Execute(), Sync())),
+        Step((Query('SELECT 1'),)),
+        Step((Parse('SELECT length($1)', name='s1'), Bind(params=(Pad(100000),), stmt='s1'), Execute(),
+              Sync()), cuts=(1,)),
+    ], BOTH, id="parse-in-failed-transaction-known-statement"),
+    # errors "in the client's terms" (session 4): a Close pipelined behind the failing Bind had
+    # already dropped the client's name, so the error named "PGDOORMAN_8".
+    pytest.param([
+        Step((Parse('SELECT $1::int + 1', name='s1'), Bind(stmt='s1'), Execute(), Close(name='s1'), Sync())),
+    ], BOTH, id="error-names-statement-closed-behind-it"),
+    pytest.param([
+        Step((Query("BEGIN; INSERT INTO fz_t VALUES (7, 'big')", pad=100000),), cuts=(1,)),
+        Step((Query('SELECT 1'),)),
+        Step((Query('SELECT 1'),)),
+        Step((Query("SET application_name = 'fz'"),)),
+        Step((Query('SELECT pg_sleep(1)'),), cancel=True),
+    ], BOTH, id="session-cancel-after-set"),
 ]
 
 # The issue's cases written by hand in the same script model, so that the fuzzer's runner and victim
@@ -175,20 +204,9 @@ ISSUE_CASES = [
 ]
 
 
-# Found and not fixed yet (issue 8's closing note lists them): they run, and report XPASS once
-# fixed. CI's random fuzz run skips the features that reach them (scripts/test.sh).
-OPEN = {
-    "case11-unnamed-statement-after-sync": "another client's simple Query dropped the unnamed "
-    "statement in between; directly it would still exist (the pooler answers 26000)",
-    "case6-unsynced-error-then-terminate": "a backend skipping input after an error ignores the "
-    "forwarded Terminate; the error is not relayed before EOF",
-    "case6-failed-batch-query-then-terminate": "the same: a backend skipping until Sync ignores "
-    "Terminate, so the pooler waits",
-    "parse-skipped-after-error-still-named": "a Parse answered by the pooler (SYNTH_PARSE) and then "
-    "skipped by the server still leaves the client's name",
-    "copy-in-then-hangup": "a client gone during COPY FROM STDIN in session mode: the next login "
-    "can time out (timing-dependent)",
-}
+# Found and not fixed yet, by test id suffix -> why: they run as xfail and report XPASS once fixed
+# (none open now; a new finding goes here, and into the closing note, until it is fixed).
+OPEN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(("script", "modes"), REGRESSIONS + ISSUE_CASES)
