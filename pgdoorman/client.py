@@ -138,7 +138,9 @@ class ClientConn(asyncio.Protocol):
         self._partial: bytes | bytearray = b""  # an incomplete message the pooler must read whole
         self._need = 0  # the length _partial must reach before it is scanned
         self._skip = 0  # bytes of a streamed message still to come: it is half written to the server
-        self._terminating = False  # Terminate received: the server may finish what it was sent
+        # Terminate (or EOF) received: the server may finish what it was sent. _FORWARDED: the
+        # Terminate went on to the server too; _INTO_COPY: which reads it inside COPY FROM STDIN.
+        self._terminating = 0
         # Requests held until a re-prepared statement's shape is checked (see _lookup).
         self._verify_hold: bytearray | None = None
         self._hold_prefix = b""
@@ -641,7 +643,9 @@ class ClientConn(asyncio.Protocol):
                         self._dropping, self._drop = False, end - n
                     else:
                         self._skip = end - n
-                    pos = copied = n
+                    pos = n
+                    if replaced is not _UNCHANGED:
+                        copied = n  # the replacement holds what it needs of this message
                     break
                 self._dropping = False
                 continue
@@ -712,12 +716,7 @@ class ClientConn(asyncio.Protocol):
             return self._own_query(data, pos, end, server)
         if kind == 67:  # Close of a named statement
             if named:
-                name = bytes(data[pos + 6 : end - 1])
-                closed = self.stmts.pop(name, None)
-                if closed is not None and server.pending:  # errors owed before it name it still
-                    self._closed[closed] = name
-                    if len(self._closed) > _CLOSED_KEEP:
-                        del self._closed[next(iter(self._closed))]
+                self._closing(bytes(data[pos + 6 : end - 1]), server)
                 self._synthetic(server, SYNTH_CLOSE)
                 return b""
             server.pending.append(CLOSE)
@@ -725,10 +724,18 @@ class ClientConn(asyncio.Protocol):
         self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
         return None
 
+    def _closing(self, name: bytes, server: ServerConn) -> None:
+        """The client closes (Close or SQL DEALLOCATE) its statement name."""
+        closed = self.stmts.pop(name, None)
+        if closed is not None and server.pending:  # errors owed before it still name it
+            self._closed[closed] = name
+            if len(self._closed) > _CLOSED_KEEP:
+                del self._closed[next(iter(self._closed))]
+
     def _terminate(self, server: ServerConn) -> None:
         """Terminate, after requests the server has not answered yet: PostgreSQL would answer them
         and then close, so the client gets those replies first."""
-        self._terminating = True
+        self._terminating = _RECEIVED
         if self._skip or (not server.pending and (server.skipping or not (
                 server.unsynced or server.copy_in))):
             # Nothing to wait for (a backend skipping until Sync ignores Terminate too), or a
@@ -742,6 +749,7 @@ class ClientConn(asyncio.Protocol):
             # was sent, ends at the Terminate, and its replies reach the client until it closes.
             assert server.transport is not None
             server.transport.write(m.TERMINATE)
+            self._terminating = _INTO_COPY if server.copy_in else _FORWARDED
         # else: on_ready closes the client once the replies are in; the server is then reused.
 
     def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
@@ -927,7 +935,7 @@ class ClientConn(asyncio.Protocol):
             server.pending.append(SYNC)
             return bytes(out)
         if verb == "deallocate" and name in self.stmts:
-            del self.stmts[name]
+            self._closing(name, server)
             del server.pending[-1]
             if server.pending:
                 server.pending.append(SYNTH_QUERY)
@@ -964,12 +972,16 @@ class ClientConn(asyncio.Protocol):
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
 
-    def on_stalled(self) -> None:
+    def on_stalled(self, copy_in: bool) -> None:
         """The server waits for this client: it skips input until Sync after an error (every
         reply owed already relayed), or COPY FROM STDIN waits for data. After a Terminate or a
         half-close that is the end: PostgreSQL ignores Terminate while skipping, and ends a COPY
-        at the client's EOF; it would close when the client closes."""
-        if self._terminating:
+        at the client's EOF; it would close when the client closes. (A Terminate the server
+        reads inside COPY ends it with its own FATAL error, which the client gets.)"""
+        terminating = self._terminating
+        if terminating == _INTO_COPY or copy_in and terminating == _FORWARDED:
+            self._terminating = _INTO_COPY  # the server reads the Terminate inside COPY
+        elif terminating:
             self.close("client close request")
 
     def on_server_lost(self, server: ServerConn, reason: str) -> None:
@@ -977,6 +989,9 @@ class ClientConn(asyncio.Protocol):
             self.server = None
             if self._terminating:  # the server ended after answering, as this client asked
                 self.close("client close request")
+                return
+            if server.said_fatal:  # the client has the server's own FATAL error already
+                self.close(f"server connection lost after its FATAL error: {reason}")
                 return
             self.fatal(codes.CONNECTION_FAILURE, f"server connection lost: {reason}")
 
@@ -1187,6 +1202,7 @@ MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 
 
 _NO_REPLY_KINDS = frozenset(b"dcfH")
+_RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
 _CLOSED_KEEP = 16  # names of statements closed while replies were owed (name_of)
 _UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_parse
 

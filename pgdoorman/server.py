@@ -111,7 +111,7 @@ class ClientLink(Protocol):
     def name_of(self, stmt: Statement) -> bytes | None: ...
     def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None: ...
     def on_verified(self, failed: bool) -> None: ...
-    def on_stalled(self) -> None: ...
+    def on_stalled(self, copy_in: bool) -> None: ...
     def on_query_skipped(self) -> None: ...
 
 
@@ -128,7 +128,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "_synth_z", "backend_key",
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
-        "on_idle", "params", "parked", "pool", "ready", "refuse_transactions",
+        "on_idle", "params", "parked", "pool", "ready", "refuse_transactions", "said_fatal",
         "session_reset", "settings", "statements", "tracked", "transport",
     )
 
@@ -156,6 +156,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         # The other settings replayed here for clients (frontend/settings.py), as (name, value).
         self.settings: tuple[tuple[str, str], ...] = ()
         self.closed = False
+        self.said_fatal = False  # it sent a FATAL ErrorResponse (its EOF follows)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.on_idle: Callable[[ServerConn], None] | None = None  # reset done; else released to pool
         self._handshaking = True
@@ -332,12 +333,14 @@ class ServerConn(ServerState, asyncio.Protocol):
         if ready >= 0:
             self._on_ready(ready)
         elif client is not None and (self.copy_in or self.skipping and not pending):
-            client.on_stalled()  # nothing more comes until the client sends Sync or COPY data
+            client.on_stalled(self.copy_in)  # nothing more comes until the client sends Sync or COPY data
 
     def _special_reply(self, data: bytes, pos: int, end: int) -> tuple[bool, bytes]:
         """One reply the scanner left to us: returns (hide it, replies to insert after it)."""
         kind = data[pos]
         pending = self.pending
+        if kind == _E and (b"VFATAL\0" in data[pos + 5 : end] or b"VPANIC\0" in data[pos + 5 : end]):
+            self.said_fatal = True  # the server's own last word: the client needs no other
         if not pending:
             if kind == _S or kind == _E:
                 self._unsolicited(kind, data[pos + 5 : end])

@@ -332,7 +332,7 @@ class Probe:
     def on_parse_failed(self, name: bytes, stmt: object) -> None:
         pass
 
-    def on_stalled(self) -> None:
+    def on_stalled(self, copy_in: bool) -> None:
         pass
 
     def on_query_skipped(self) -> None:

@@ -159,6 +159,33 @@ REGRESSIONS = [
         Step((Parse('SELECT $1::int + 1', name='s1'), Bind(stmt='s1'), Execute(), Close(name='s1'), Sync())),
     ], BOTH, id="error-names-statement-closed-behind-it"),
     pytest.param([
+        Step((Parse('SELECT id, v FROM fz_t ORDER BY id', name='s1'), Bind(stmt='s1'), Execute(),
+              Bind(params=('1',), stmt='s1'), Execute())),
+        Step((Query('DEALLOCATE s1'),)),
+    ], BOTH, id="error-names-statement-deallocated-behind-it"),
+    # case 6 family (session 4): a Terminate the backend reads inside COPY FROM STDIN ends it with
+    # ERROR and FATAL 'protocol synchronization was lost'; the pooler closed after the ERROR.
+    pytest.param([
+        Step((Parse('COPY fz_t FROM STDIN'), Bind(), Execute(), Sync(), CopyDone(), Sync())),
+        Step((Parse('SELECT id, v FROM fz_t ORDER BY id', name='s1'), Bind(stmt='s1'), Execute(), Bind(),
+              Execute(), Sync())),
+    ], BOTH, id="terminate-inside-extended-copy"),
+    pytest.param([
+        Step((Parse('COPY fz_t FROM STDIN'), Bind(), Execute()),),
+    ], BOTH, id="terminate-behind-extended-copy"),
+    # session 4: a read ending inside a Bind of an unknown name, just after its statement name.
+    pytest.param([
+        Step((Parse('BEGIN', name='s1'), Bind(stmt='s1'), Execute(), Bind(params=('1',), stmt='s2'), Execute(),
+              Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync()), cuts=(50,)),
+    ], BOTH, id="split-after-unknown-bind-names"),
+    # session 4: the server's own FATAL (a Parse inside COPY FROM STDIN) and then its EOF: the client
+    # got a second FATAL from the pooler, "server connection lost".
+    pytest.param([
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+        Step((Parse('COPY fz_t FROM STDIN'), Bind(), Execute(), Sync(), CopyDone(), Sync())),
+        Step((Bind(), Execute(), Parse('SELECT id, v FROM fz_t ORDER BY id'), Bind(), Execute(), Sync())),
+    ], BOTH, id="server-fatal-then-eof"),
+    pytest.param([
         Step((Query("BEGIN; INSERT INTO fz_t VALUES (7, 'big')", pad=100000),), cuts=(1,)),
         Step((Query('SELECT 1'),)),
         Step((Query('SELECT 1'),)),
