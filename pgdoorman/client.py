@@ -32,25 +32,18 @@ from pgdoorman.frontend.settings import (
     split_local,
     startup_settings,
 )
+from pgdoorman.frontend.statements import HOLD, UNCHANGED, StatementMapping
 from pgdoorman.prepared import (
-    PREPARE_RESERVED,
-    SERVER_NAME_PREFIX,
     Statement,
-    guard_server_names,
-    parse_own_query,
 )
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
     BAD_LENGTH,
     BIND,
-    BIND_NAMED,
     CLOSE,
     COPY_END,
     DESCRIBE,
-    DESCRIBE_NAMED,
-    HIDDEN_CLOSE,
-    HIDDEN_PARSE,
     NAMES_GUARDED,
     NAMES_MAPPED,
     NAMES_PLAIN,
@@ -60,14 +53,10 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNC,
     SYNTH_CLOSE,
-    SYNTH_PARSE,
-    SYNTH_QUERY,
     message_need,
     scan_requests,
 )
 from pgdoorman.server import (
-    SYNTH_REPLY,
-    UNNAMED_REPARSE,
     ServerConn,
     tracked_values,
     with_tracked,
@@ -88,19 +77,16 @@ _pack_hdr = struct.Struct("!cI").pack
 STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
-_STATUS_FAILED = 69
 
 
-class ClientConn(asyncio.Protocol):
+class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
-        "_auth_kind", "_buf", "_held", "_max_message", "_need", "_partial", "_paused", "_reset_always",
-        "_rewrite", "_salt", "_scram", "_secret", "_skip", "_startup", "_stmt_cap", "_terminating",
-        "_timer", "_verify_hold", "_hold_prefix", "_no_verify", "_drop", "_dropping",
-        "activity", "app", "cancel_key", "connected_at", "id", "in_transaction", "last_active",
-        "_moved", "_rerouted", "mode", "params", "peer", "pool", "seen_activity", "server", "state",
-        "stmts", "tracked", "settings", "_asked", "_unnamed", "_unnamed_saved", "_closed",
-        "transport", "wait_since", "waiting",
+        "_asked", "_auth_kind", "_buf", "_drop", "_held", "_max_message", "_moved", "_need", "_partial",
+        "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
+        "_startup", "_stmt_cap", "_terminating", "_timer", "activity", "app", "cancel_key",
+        "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
+        "seen_activity", "server", "settings", "state", "tracked", "transport", "wait_since", "waiting",
     )
 
     def __init__(self, app: App, initial: bytes = b"", moved: dict[str, Any] | None = None,
@@ -477,40 +463,6 @@ class ClientConn(asyncio.Protocol):
         # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
         # housekeeping, so waiting costs no timer and no epoll change per transaction)
 
-    def _prepare_locally(self, data: bytes | bytearray) -> bool:
-        """Answer "Parse(named)... Sync" outside a transaction without a server when every statement
-        is one the pool has already prepared successfully: libpq's PQprepare (pgbench -M prepared)
-        then never waits for a server while its thread's other connections hold them all."""
-        assert self.pool is not None
-        registry = self.pool.registry
-        found: list[tuple[bytes, Statement]] = []
-        pos, n = 0, len(data)
-        while pos + 5 <= n:
-            kind, end = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
-            if end > n:
-                return False
-            if kind == 83 and end == n and found:  # the Sync, last
-                break
-            if kind != 80 or data[pos + 5] == 0:
-                return False
-            name_end = data.index(0, pos + 5, end)
-            stmt = registry.known(bytes(data[name_end + 1 : end]))
-            if stmt is None:
-                return False
-            name = bytes(data[pos + 5 : name_end])
-            if name in self.stmts:
-                return False  # the server path answers "already exists"
-            found.append((name, stmt))
-            pos = end
-        else:
-            return False
-        for name, stmt in found:
-            self._remember(name, stmt)
-        registry.stats.client_parses += len(found)
-        registry.stats.hits += len(found)
-        self.transport.write(m.parse_complete() * len(found) + m.ready_for_query(b"I"))
-        return True
-
     def wait_failed(self, message: str, code: str) -> None:
         self._cancel_timer()
         self.fatal(code, message)
@@ -621,7 +573,7 @@ class ClientConn(asyncio.Protocol):
                 replaced = self._special_request(data, pos, end, server)
                 if replaced is None:  # the client is gone; the server is closed with it
                     return
-                if replaced is _HOLD:  # send what comes before; hold this message and the rest
+                if replaced is HOLD:  # send what comes before; hold this message and the rest
                     if out is None:
                         out = bytearray()
                     out += data[copied:pos]
@@ -631,7 +583,7 @@ class ClientConn(asyncio.Protocol):
                     transport.write(out)
                     server.requests_sent(start)
                     return
-                if replaced is not _UNCHANGED:
+                if replaced is not UNCHANGED:
                     if out is None:
                         out = bytearray()
                     out += data[copied:pos]
@@ -644,7 +596,7 @@ class ClientConn(asyncio.Protocol):
                     else:
                         self._skip = end - n
                     pos = n
-                    if replaced is not _UNCHANGED:
+                    if replaced is not UNCHANGED:
                         copied = n  # the replacement holds what it needs of this message
                     break
                 self._dropping = False
@@ -685,7 +637,7 @@ class ClientConn(asyncio.Protocol):
     def _special_request(
         self, data: bytes | bytearray, pos: int, end: int, server: ServerConn
     ) -> bytes | None:
-        """A request the scanner left to us: what to send instead (_UNCHANGED: itself), or None
+        """A request the scanner left to us: what to send instead (UNCHANGED: itself), or None
         when the client has been closed."""
         kind = data[pos]
         named = self._rewrite
@@ -703,15 +655,15 @@ class ClientConn(asyncio.Protocol):
             if named:
                 return self._bind(data, pos, name_at, end, server)
             server.pending.append(BIND)
-            return _UNCHANGED
+            return UNCHANGED
         if kind == 68:  # Describe of a named statement
             if data[pos + 6] == 0:
                 return self._unnamed_guard(data, pos, end, server, DESCRIBE)
             if named:
                 replaced = self._describe(data, pos, end, server)
-                return _UNCHANGED if replaced is None else replaced
+                return UNCHANGED if replaced is None else replaced
             server.pending.append(DESCRIBE)
-            return _UNCHANGED
+            return UNCHANGED
         if kind == 81:
             return self._own_query(data, pos, end, server)
         if kind == 67:  # Close of a named statement
@@ -720,17 +672,9 @@ class ClientConn(asyncio.Protocol):
                 self._synthetic(server, SYNTH_CLOSE)
                 return b""
             server.pending.append(CLOSE)
-            return _UNCHANGED
+            return UNCHANGED
         self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
         return None
-
-    def _closing(self, name: bytes, server: ServerConn) -> None:
-        """The client closes (Close or SQL DEALLOCATE) its statement name."""
-        closed = self.stmts.pop(name, None)
-        if closed is not None and server.pending:  # errors owed before it still name it
-            self._closed[closed] = name
-            if len(self._closed) > _CLOSED_KEEP:
-                del self._closed[next(iter(self._closed))]
 
     def _terminate(self, server: ServerConn) -> None:
         """Terminate, after requests the server has not answered yet: PostgreSQL would answer them
@@ -752,144 +696,7 @@ class ClientConn(asyncio.Protocol):
             self._terminating = _INTO_COPY if server.copy_in else _FORWARDED
         # else: on_ready closes the client once the replies are in; the server is then reused.
 
-    def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
-        """data[start:end] holds this client's latest unnamed Parse (or a Query after it). Kept by
-        reference while small and immutable; read only if a later Bind needs it (_unnamed_guard)."""
-        if type(data) is bytes and len(data) <= _UNNAMED_KEEP:
-            self._unnamed = (data, start, end)
-        else:
-            self._unnamed = _last_unnamed_parse(data, start, end)
-
-    def _unnamed_parse(self) -> bytes | None:
-        """The Parse of this client's unnamed statement as it exists directly, or None."""
-        src = self._unnamed
-        if isinstance(src, tuple):
-            src = self._unnamed = _last_unnamed_parse(*src)
-        return src
-
-    def _unnamed_guard(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn,
-                       kind: int) -> bytes:
-        """A Bind or Describe of the unnamed statement, which on this server is not this client's.
-        Directly it would be the client's own last unnamed Parse (it outlives Sync and the
-        transaction): parse that again first, hidden. With none, close the server's (hidden), so
-        PostgreSQL answers "unnamed prepared statement does not exist" as it would directly."""
-        server.unnamed_owner = self
-        parse = self._unnamed_parse()
-        if parse is None:
-            server.pending.append(HIDDEN_CLOSE)
-            server.pending.append(kind)
-            return _CLOSE_UNNAMED + bytes(data[pos:end])
-        server.pending.append(HIDDEN_PARSE)
-        server.refs.append(UNNAMED_REPARSE)
-        server.pending.append(kind)
-        return parse + bytes(data[pos:end])
-
-    def _synthetic(self, server: ServerConn, kind: int) -> None:
-        """A reply the pooler gives itself: now if nothing is owed before it, else in order."""
-        if server.pending:
-            server.pending.append(kind)
-        elif not server.skipping:  # else PostgreSQL would skip the request: no reply
-            self.transport.write(SYNTH_REPLY[kind])
-
-    def _parse(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
-        assert self.pool is not None
-        name_end = data.index(0, pos + 5, end)
-        name = bytes(data[pos + 5 : name_end])
-        if name in self.stmts:  # as PostgreSQL would answer on the client's own connection:
-            # the query is parsed first (a syntax error wins), then the name is found taken.
-            out = bytearray()
-            server.check_syntax(bytes(data[name_end + 1 : end]), out)
-            server.raise_error(out, codes.DUPLICATE_PREPARED_STATEMENT,
-                               f'prepared statement "{name.decode(errors="replace")}" already exists')
-            return bytes(out)
-        stmt = self.pool.registry.get(bytes(data[name_end + 1 : end]))
-        stats = self.pool.registry.stats
-        stats.client_parses += 1
-        out = bytearray()
-        if server.statements.has(stmt):
-            stats.hits += 1
-            if server.skipping and not server.pending:
-                return b""  # PostgreSQL would skip this Parse: no reply, and no statement
-            if server.pending or server.status == _STATUS_FAILED:
-                # What comes before it, or a failed transaction (25P02), may make this Parse
-                # fail: PostgreSQL parses it (under a throw-away name), its reply is the client's.
-                server.parse_in_place(bytes(data[name_end + 1 : end]), out, name)
-            else:
-                self.transport.write(SYNTH_REPLY[SYNTH_PARSE])
-        else:
-            server.prepare_statement(stmt, out, client_name=name)
-        self._remember(name, stmt)
-        return bytes(out)
-
-    def _remember(self, name: bytes, stmt: Statement) -> None:
-        stmts = self.stmts
-        stmts.pop(name, None)
-        stmts[name] = stmt
-        if self._stmt_cap and len(stmts) > self._stmt_cap:
-            del stmts[next(iter(stmts))]
-
-    def _lookup(self, name: bytes, server: ServerConn, out: bytearray) -> Statement | None | bytes:
-        """The client's statement by its name, made to exist on this server (messages for that
-        appended to out). Returns _HOLD when the re-prepared statement's shape must be checked
-        first, or _RAISED when out makes PostgreSQL fail the request as it would directly."""
-        stmt = self.stmts.get(name)
-        if stmt is None:
-            if name.startswith(SERVER_NAME_PREFIX):  # the pooler's own: no client may reach them
-                server.raise_error(out, codes.INVALID_SQL_STATEMENT_NAME,
-                                   f'prepared statement "{name.decode(errors="replace")}" does not exist')
-                return _RAISED
-            return None
-        if stmt.retired:
-            server.raise_error(out, codes.FEATURE_NOT_SUPPORTED, CACHED_PLAN_ERROR, _CACHED_PLAN_REPLY)
-            return _RAISED
-        if not server.statements.has(stmt):
-            server.prepare_statement(stmt, out)
-            if stmt.shape is not None and not self._no_verify:
-                # Clients were told its result shape; DDL may have changed it since. Check before
-                # anything runs it here (one round trip, on a server's first use of it only).
-                server.describe_hidden(stmt, out)
-                return _HOLD
-        return stmt
-
-    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes:
-        name_end = data.index(0, name_at, end)
-        out = bytearray()
-        stmt = self._lookup(bytes(data[name_at:name_end]), server, out)
-        if stmt is None:
-            server.pending.append(BIND)
-            return _UNCHANGED  # unknown name: the server answers "does not exist" itself
-        if isinstance(stmt, bytes):
-            return self._held_or_raised(stmt, out)
-        server.pending.append(BIND_NAMED)
-        server.refs.append(stmt)
-        assert self.pool is not None
-        self.pool.registry.stats.binds += 1
-        # end may lie beyond data (a large Bind, streamed): the length is the whole message's.
-        out += _pack_hdr(b"B", 4 + (name_at - pos - 5) + len(stmt.server_name) + (end - name_end))
-        out += data[pos + 5 : name_at]
-        out += stmt.server_name
-        out += data[name_end:end]
-        return bytes(out)
-
-    def _describe(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes | None:
-        out = bytearray()
-        stmt = self._lookup(bytes(data[pos + 6 : end - 1]), server, out)
-        if stmt is None:
-            server.pending.append(DESCRIBE)
-            return None
-        if isinstance(stmt, bytes):
-            return self._held_or_raised(stmt, out)
-        out += m.message(b"D", b"S" + stmt.server_name + b"\0")
-        server.pending.append(DESCRIBE_NAMED)
-        server.refs.append(stmt)
-        return bytes(out)
-
-    def _held_or_raised(self, outcome: bytes, out: bytearray) -> bytes:
-        if outcome is _HOLD:
-            self._hold_prefix = bytes(out)
-            return _HOLD
-        self._dropping = True  # _RAISED: the error instead of the request, all of it
-        return bytes(out)
+    # --- events from the server ---
 
     def on_verified(self, failed: bool) -> None:
         """The hidden Describe of a re-prepared statement was answered (failed: its Parse failed
@@ -906,48 +713,6 @@ class ClientConn(asyncio.Protocol):
             self._forward(held, server)
         finally:
             self._no_verify = False
-
-    def _own_query(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes:
-        """A simple Query starting with DEALLOCATE or PREPARE, where statements are mapped: the
-        client's protocol-level names are the pooler's to deallocate, and the pooler's own
-        server-side names are no client's."""
-        server.pending.append(QUERY)
-        server.unnamed_owner = None  # any simple Query drops the unnamed statement
-        self._unnamed_saved, self._unnamed = self._unnamed, None
-        sql = bytes(data[pos + 5 : end - 1])
-        parsed = parse_own_query(sql)
-        if parsed is None:
-            guarded = guard_server_names(sql)
-            return _UNCHANGED if guarded is None else m.query(guarded.decode(errors="replace"))
-        verb, name = parsed
-        if name.startswith(SERVER_NAME_PREFIX):
-            if verb == "deallocate":
-                error = (codes.INVALID_SQL_STATEMENT_NAME,
-                         f'prepared statement "{name.decode(errors="replace")}" does not exist')
-            else:
-                error = (codes.RESERVED_NAME, PREPARE_RESERVED)
-            # Raised on the server in its place (its own transaction state follows), then Sync:
-            # the client gets the ErrorResponse and the ReadyForQuery its Query would get.
-            del server.pending[-1]
-            out = bytearray()
-            server.raise_error(out, *error)
-            out += _SYNC
-            server.pending.append(SYNC)
-            return bytes(out)
-        if verb == "deallocate" and name in self.stmts:
-            self._closing(name, server)
-            del server.pending[-1]
-            if server.pending:
-                server.pending.append(SYNTH_QUERY)
-                server.synth_replies.append(_DEALLOCATE_DONE)
-            elif not server.skipping:
-                self.transport.write(server.synthetic_now(SYNTH_QUERY, _DEALLOCATE_DONE))
-            return b""
-        if verb == "deallocate all":
-            self.stmts.clear()  # and the server drops its own (the pooler notes DEALLOCATE ALL)
-        return _UNCHANGED
-
-    # --- events from the server ---
 
     def on_ready(self, status: int) -> None:
         """The server answered everything we sent and reports its transaction status."""
@@ -1000,32 +765,6 @@ class ClientConn(asyncio.Protocol):
         self.tracked = with_tracked(self.tracked, name, value)
         if self.settings:
             self.settings = followed(self.settings, name, value)
-
-    def name_of(self, stmt: Statement) -> bytes | None:
-        """The client's own name for a shared statement (for its error messages)."""
-        for name, mine in self.stmts.items():
-            if mine is stmt:
-                return name
-        return self._closed.get(stmt)
-
-    def on_statements_discarded(self) -> None:
-        self.stmts.clear()
-
-    def on_query_skipped(self) -> None:
-        """A simple Query of this client's was skipped (inside a failed batch): it dropped no
-        unnamed statement after all."""
-        if self._unnamed is None:
-            self._unnamed = self._unnamed_saved
-
-    def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None:
-        """This client's Parse of name failed or was skipped: the name does not exist (unless a
-        later Parse, already answered by the pooler, gave it again)."""
-        if not name:  # its unnamed Parse: known difference, a skipped one leaves none either
-            self._unnamed = None
-            return
-        mine = self.stmts.get(name)
-        if mine is not None and (stmt is None or mine is stmt):
-            del self.stmts[name]
 
     # --- closing ---
 
@@ -1187,38 +926,12 @@ class ClientConn(asyncio.Protocol):
 RESET_TIMEOUT = 10.0
 DRAIN_TIMEOUT = 60.0  # a server finishing the requests of a client that sent Terminate
 _AUTH_OK = m.authentication(codes.AUTH_OK)
-_UNCHANGED = b"<unchanged>"  # sentinel: forward the message as it is
-_CLOSE_UNNAMED = m.message(b"C", b"S\0")
-_HOLD = b"<hold>"  # sentinel: send the injected messages, hold the rest until they are answered
-_RAISED = b"<raised>"  # sentinel: the request was replaced by an error raised on the server
-_DEALLOCATE_DONE = m.message(b"C", b"DEALLOCATE\0")
-_SYNC = m.message(b"S")
-CACHED_PLAN_ERROR = "cached plan must not change result type"
-# As PostgreSQL words it, routine included: drivers (asyncpg) recognise it by that and re-prepare.
-_CACHED_PLAN_REPLY = m.message(b"E", b"SERROR\0VERROR\0C0A000\0M" + CACHED_PLAN_ERROR.encode()
-                               + b"\0Fplancache.c\0RRevalidateCachedQuery\0\0")
 HOLD_LIMIT = 1 << 18  # bytes buffered while waiting for a server before we stop reading
 MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 
 
 _NO_REPLY_KINDS = frozenset(b"dcfH")
 _RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
-_CLOSED_KEEP = 16  # names of statements closed while replies were owed (name_of)
-_UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_parse
-
-
-def _last_unnamed_parse(data: bytes | bytearray, start: int, end: int) -> bytes | None:
-    """The last whole unnamed Parse in the messages data[start:end], unless a Query follows it."""
-    found = None
-    pos, n = start, len(data)
-    while pos + 5 <= end:
-        kind, stop = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
-        if kind == 81:
-            found = None
-        elif kind == 80 and stop <= n and data[pos + 5] == 0:
-            found = (pos, stop)
-        pos = stop
-    return None if found is None else bytes(data[found[0] : found[1]])
 
 
 def _whole_no_reply_prefix(data: bytes | bytearray) -> int:

@@ -108,8 +108,9 @@ class ServerState:
         i = len(pending) - 1
         while i >= start and pending[i] == COPY_END:
             i -= 1
-        if i >= start:
-            self.unsynced = pending[i] != SYNC and pending[i] != QUERY
+        if i >= start:  # a Query ends a batch, Sync too; so does a Query the pooler answers
+            last = pending[i]
+            self.unsynced = last != SYNC and last != QUERY and last != SYNTH_QUERY and last != HIDDEN_QUERY
         while pending and pending[0] == COPY_END:
             del pending[0]  # a stray CopyDone/CopyFail: PostgreSQL drops it, nothing is owed
 

@@ -25,7 +25,7 @@ from fuzzproto import FuzzEnv, check_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-DEFAULT_EXAMPLES = 350  # per configuration: 1400 in all, about 3.5 minutes on 2 cores
+DEFAULT_EXAMPLES = 750  # per configuration: 3000 in all, about 5 minutes on 2 cores
 EXAMPLES = int(os.environ.get("PGDOORMAN_FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
 SHRINK_SECONDS = float(os.environ.get("PGDOORMAN_FUZZ_SHRINK_SECONDS") or 60)
 

@@ -175,8 +175,8 @@ REGRESSIONS = [
     ], BOTH, id="terminate-behind-extended-copy"),
     # session 4: a read ending inside a Bind of an unknown name, just after its statement name.
     pytest.param([
-        Step((Parse('BEGIN', name='s1'), Bind(stmt='s1'), Execute(), Bind(params=('1',), stmt='s2'), Execute(),
-              Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync()), cuts=(50,)),
+        Step((Parse('BEGIN', name='s1'), Bind(stmt='s1'), Execute(), Bind(params=('1',), stmt='s2'),
+              Execute(), Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync()), cuts=(50,)),
     ], BOTH, id="split-after-unknown-bind-names"),
     # session 4: the server's own FATAL (a Parse inside COPY FROM STDIN) and then its EOF: the client
     # got a second FATAL from the pooler, "server connection lost".
@@ -185,6 +185,23 @@ REGRESSIONS = [
         Step((Parse('COPY fz_t FROM STDIN'), Bind(), Execute(), Sync(), CopyDone(), Sync())),
         Step((Bind(), Execute(), Parse('SELECT id, v FROM fz_t ORDER BY id'), Bind(), Execute(), Sync())),
     ], BOTH, id="server-fatal-then-eof"),
+    # session 4: SQL DEALLOCATE of a client's statement inside an unsynced batch (after Flush): the
+    # pooler answered it itself while the server stayed in the batch's implicit transaction, and
+    # the next batch got no reply.
+    pytest.param([
+        Step((Parse('SELECT length($1)', name='s1'), Bind(params=(Pad(121936),), stmt='s1'), Execute(),
+              Flush()), cuts=(1, 335, 719, 1059)),
+        Step((Query('DEALLOCATE s1'),)),
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+    ], BOTH, id="deallocate-inside-unsynced-batch"),
+    # session 4: a last step that never flushes (see fuzzproto._unflushed_tail_loose); it must still
+    # leave the server clean for the victim.
+    pytest.param([
+        Step((Parse('COMMIT'), Bind(), Execute(), Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(),
+              Sync())),
+        Step((Query('SELECT 1'),)),
+        Step((Parse('SELECT $1::int + 1', name='s1'), Bind(params=('1',), stmt='s1'), Execute())),
+    ], BOTH, id="unflushed-last-step-cached-parse"),
     pytest.param([
         Step((Query("BEGIN; INSERT INTO fz_t VALUES (7, 'big')", pad=100000),), cuts=(1,)),
         Step((Query('SELECT 1'),)),
