@@ -22,20 +22,22 @@ from pgdoorman.auth import (
     plain_salt,
 )
 from pgdoorman.frontend.settings import (
+    MAX_CUSTOM_NAMES,
     Probe,
     Refused,
     Welcome,
     cached_welcome,
     check_replication,
+    custom_names,
     followed,
     replay_sql,
+    session_settings,
+    session_settings_sql,
     split_local,
     startup_settings,
 )
 from pgdoorman.frontend.statements import HOLD, UNCHANGED, StatementMapping
-from pgdoorman.prepared import (
-    Statement,
-)
+from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
@@ -44,6 +46,8 @@ from pgdoorman.protocol.scan import (
     CLOSE,
     COPY_END,
     DESCRIBE,
+    HIDDEN_QUERY,
+    HIDDEN_ROWS,
     NAMES_GUARDED,
     NAMES_MAPPED,
     NAMES_PLAIN,
@@ -53,6 +57,7 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNC,
     SYNTH_CLOSE,
+    mentions_settings,
     message_need,
     scan_requests,
 )
@@ -84,7 +89,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     __slots__ = (
         "_asked", "_auth_kind", "_buf", "_drop", "_held", "_max_message", "_moved", "_need", "_partial",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
-        "_startup", "_stmt_cap", "_terminating", "_timer", "activity", "app", "cancel_key",
+        "_custom", "_initial", "_startup", "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
+        "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "seen_activity", "server", "settings", "state", "tracked", "transport", "wait_since", "waiting",
     )
@@ -118,6 +124,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._rewrite = False
         self._stmt_cap = 0
         self._reset_always = app.config.general.server_reset_query_always
+        self._strict = False
+        self._initial: tuple[tuple[str, str], ...] = ()  # its startup settings
+        self._custom: list[str] = []  # names of custom settings it may have set (note_settings)
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray(initial)  # login-phase input
         self._held: bytes | bytearray | None = None  # requests waiting for a server
@@ -311,6 +320,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         pool.clients += 1
         self.mode = pool.mode
         self._rewrite = pool.mode != SESSION and pool.prepared_enabled
+        self._strict = pool.mode != SESSION and pool.cfg.strict
         self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
 
     def _mock_auth(self, users: Iterable[UserConfig]) -> None:
@@ -396,7 +406,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         picks one). What the client sent after its last login message is then held for a server."""
         self.params = dict(welcome.params)  # the client's own: ParameterStatus updates it
         self.tracked = welcome.tracked
-        self.settings = welcome.settings
+        self.settings = self._initial = welcome.settings
         out = bytearray(prefix)
         out += welcome.block
         self.cancel_key = self.app.cancels.register(self, pid)
@@ -489,7 +499,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.server = server
         server.client = self
         server.refuse_transactions = self.mode == STATEMENT
-        if server.tracked != self.tracked or server.settings != self.settings or server.hidden_error:
+        if (server.tracked != self.tracked or server.settings != self.settings or server.hidden_error
+                or server.settings_unknown):
             self._sync_params(server)
         held, self._held = self._held, None
         if self._paused:
@@ -619,6 +630,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             if out:
                 transport.write(out)
         if len(pending) != start:
+            if self._strict:
+                server.settings_dirty = True  # read the settings back after every transaction
             last = pending[-1]
             if (last == QUERY or last == SYNC) and pending[0] != COPY_END and not (
                     server.skipping or server.copy_in):
@@ -641,7 +654,15 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         when the client has been closed."""
         kind = data[pos]
         named = self._rewrite
-        if kind == 80:  # Parse of a named statement
+        if kind == 80:  # Parse of a named statement, or one that may change settings
+            text_at = data.index(0, pos + 5, end) + 1
+            if mentions_settings(data, text_at, end):
+                self.note_settings(server, data[text_at:end])
+            if data[pos + 5] == 0:
+                server.pending.append(PARSE)
+                server.unnamed_owner = self
+                self._note_unnamed(data, pos, end)
+                return UNCHANGED
             if named:
                 return self._parse(data, pos, end, server)
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
@@ -727,6 +748,12 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if status == _STATUS_IDLE:
             if self._skip or server.unsynced or server.copy_in:
                 return  # not done with it yet: released once it is (see _message_done)
+            if server.settings_dirty:
+                # Its session settings may have changed: read them back first; they follow
+                # the client to whichever server it is lent next (on_ready comes again).
+                server.settings_dirty = False
+                server.capture(session_settings_sql(self._custom), self._settings_read)
+                return
             self.server = None
             server.client = None
             if server.session_reset or self._reset_always:
@@ -736,6 +763,28 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         elif self.mode == STATEMENT:
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
+
+    def note_settings(self, server: ServerConn, sql: bytes | bytearray) -> None:
+        """A request that may change session settings: read them back after its transaction,
+        custom ones by the names it gives."""
+        server.settings_dirty = True
+        for name in custom_names(sql):
+            if name not in self._custom and len(self._custom) < MAX_CUSTOM_NAMES:
+                self._custom.append(name)
+
+    def _settings_read(self, rows: list[list[str | None]] | None) -> None:
+        """SESSION_SETTINGS_SQL's answer on the server this client was lent."""
+        server = self.server
+        if rows is None or server is None:  # failed: the server is reset and replayed next time
+            log.warning("%s: reading the session settings back failed", self.id)
+            return
+        # What RESET goes back to is the client's startup value, as directly.
+        settings = session_settings(rows, server.pool.server_user, self._initial)
+        if settings != self.settings:
+            log.info("%s: session settings now: %s", self.id,
+                     ", ".join(f"{name}={value}" for name, value in settings) or "defaults")
+        self.settings = server.settings = settings
+        server.settings_unknown = True  # a setting no query shows may be left: reset first next time
 
     def on_stalled(self, copy_in: bool) -> None:
         """The server waits for this client: it skips input until Sync after an error (every
@@ -814,7 +863,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         server.client = None
         if server.closed:
             return
-        if server.pending and self._terminating and not (
+        if server.pending and (self._terminating or _only_pooler_queries(server.pending)) and not (
                 self._skip or server.unsynced or server.copy_in or server.doubt):
             # The client said goodbye after its last requests, as it may: PostgreSQL would run
             # them, so the server finishes them (replies dropped), then is reset as usual.
@@ -882,7 +931,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         assert pool is not None and self._held is not None
         state = {
             "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
-            "params": self.params, "settings": self.settings, "cancel_key": self.cancel_key,
+            "params": self.params, "settings": self.settings, "initial": self._initial,
+            "cancel_key": self.cancel_key,
             "connected_at": self.connected_at,
             "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
             "unnamed": self._unnamed_parse(),
@@ -907,6 +957,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.params = state["params"]
         self.tracked = tracked_values(self.params)
         self.settings = tuple((name, value) for name, value in state["settings"])
+        self._initial = tuple((name, value) for name, value in state.get("initial", ()))
         self.stmts = {name: pool.registry.get(key) for name, key in state["stmts"]}
         self._unnamed = state.get("unnamed")
         pid, key = state["cancel_key"]
@@ -943,6 +994,12 @@ def _whole_no_reply_prefix(data: bytes | bytearray) -> int:
             break
         pos = end
     return pos
+
+
+def _only_pooler_queries(pending: bytearray) -> bool:
+    """Only the pooler's own queries are owed (reading settings back): a client that leaves now
+    leaves the server clean once they are answered."""
+    return all(kind == HIDDEN_ROWS or kind == HIDDEN_QUERY for kind in pending)
 
 
 def _close_if_stuck(server: ServerConn) -> None:

@@ -34,6 +34,7 @@ from pgdoorman.protocol.scan import (
     HIDDEN_EXECUTE,
     HIDDEN_PARSE,
     HIDDEN_QUERY,
+    HIDDEN_ROWS,
     PARSE,
     PARSE_NAMED,
     QUERY,
@@ -78,8 +79,6 @@ _STATUS_FAILED = 69  # 'E'
 _IN_FAILED_TRANSACTION = m.error_response(
     codes.IN_FAILED_SQL_TRANSACTION,
     "current transaction is aborted, commands ignored until end of transaction block")
-# After a client's SET in transaction mode: back to the login defaults. RESET ALL leaves the role.
-RESET_SETTINGS = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL"
 
 # Session settings clients may change and servers report with ParameterStatus: each client's values
 # are SET on whichever server it is lent. Kept as a tuple so "same?" is one comparison per loan.
@@ -129,7 +128,9 @@ class ServerConn(ServerState, asyncio.Protocol):
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
         "on_idle", "params", "parked", "pool", "ready", "refuse_transactions", "said_fatal",
-        "session_reset", "settings", "statements", "tracked", "transport",
+        "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
+        "transport",
+        "_rows", "_rows_done",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -150,6 +151,14 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.refuse_transactions = False  # lent in statement mode
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
+        # A reply showed the lent client may have changed its session settings (SET, RESET,
+        # DISCARD, DO): the client reads them back before the server is given back.
+        self.settings_dirty = False
+        # What a client left may include settings the pooler cannot see (a custom setting SET
+        # inside a function): the next replay resets everything first.
+        self.settings_unknown = False
+        self._rows: list[list[str | None]] | None = None  # capture(): the rows so far
+        self._rows_done: Callable[[list[list[str | None]] | None], None] | None = None
         # The ErrorResponse fields of the last failed pooler query (send_hidden); the login probe of
         # a client's startup settings reads it.
         self.hidden_error: dict[str, str] | None = None
@@ -349,15 +358,23 @@ class ServerConn(ServerState, asyncio.Protocol):
                 self.doubt = "ReadyForQuery that no request was owed"
             return False, b""
         head = pending[0]
-        hide = head == HIDDEN_QUERY
+        hide = head == HIDDEN_QUERY or head == HIDDEN_ROWS
         popped = False
         extra = b""
-        if kind == _Z:
+        if kind == 68:  # a DataRow of the pooler's capture()
+            if head == HIDDEN_ROWS and self._rows is not None:
+                self._rows.append(m.data_row_values(data[pos + 5 : end]))
+        elif kind == _Z:
             # The scanner stops here when the oldest owed is not the Query/Sync this answers:
             # the requests before it were skipped after an error (state.settle_ready).
             self.settle_ready()
             popped = True
             self.status = data[pos + 5]
+            if head == HIDDEN_ROWS:
+                rows, done = self._rows, self._rows_done
+                self._rows = self._rows_done = None
+                if done is not None:
+                    done(rows)
         elif kind == 49:  # ParseComplete
             del pending[0]
             popped = True
@@ -366,7 +383,7 @@ class ServerConn(ServerState, asyncio.Protocol):
                 if ref is not None:
                     ref.confirmed = True
                 if head == PARSE_NAMED:
-                    self.parse_names.popleft()
+                    self.client_names.popleft()
             hide = head == HIDDEN_PARSE
         elif kind == 50:  # BindComplete
             del pending[0]
@@ -374,6 +391,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             hide = head == HIDDEN_BIND
             if head in HAS_REF:
                 self.refs.popleft()
+                if head == BIND_NAMED:
+                    self.client_names.popleft()
         elif kind == 51:  # CloseComplete
             del pending[0]
             popped = True
@@ -386,6 +405,8 @@ class ServerConn(ServerState, asyncio.Protocol):
                 del pending[0]
                 popped = True
                 hide = head == HIDDEN_DESCRIBE
+                if head == DESCRIBE_NAMED:
+                    self.client_names.popleft()
                 self._described(self.refs.popleft(), row_shape(kind, data[pos + 5 : end]), hide)
         elif kind == 116:  # ParameterDescription (then RowDescription/NoData)
             hide = head == HIDDEN_DESCRIBE
@@ -438,7 +459,9 @@ class ServerConn(ServerState, asyncio.Protocol):
         quoted = b'"' + stmt.server_name + b'"'
         if quoted not in error:
             return None
-        name = self.client.name_of(stmt)
+        # The name the failing request used (client_names[0] is the head's), else any of the
+        # client's names for the statement.
+        name = self.client_names[0] if self.client_names else self.client.name_of(stmt)
         if name is None:
             return None
         body = error[5:].replace(quoted, b'"' + name + b'"')
@@ -505,23 +528,25 @@ class ServerConn(ServerState, asyncio.Protocol):
                 self.settings = ()
             if self.client is not None:
                 self.client.on_statements_discarded()
-        elif tag == b"RESET":  # RESET ALL undoes the replayed settings too
             if not hidden:
-                self.session_reset = self.session_reset or RESET_SETTINGS
-            elif self.client is None:  # a reset between loans (lent, the replay records itself)
-                self.settings = ()
+                self.settings_dirty = True
         elif hidden:
-            pass  # the pooler's own SETs
-        elif tag == b"SET":  # SET, SET ROLE, SET SESSION AUTHORIZATION (or SET LOCAL: harmless)
-            self.session_reset = self.session_reset or RESET_SETTINGS
+            if tag == b"RESET" and self.client is None:  # a reset between loans
+                self.settings = ()
+        elif tag == b"SET" or tag == b"RESET" or tag == b"DO":
+            # SET/RESET of any kind (SET LOCAL too: cheap to check), or a DO block that may
+            # have run one: PostgreSQL tells the client's settings after the transaction.
+            self.settings_dirty = True
         elif tag in (b"LISTEN", b"PREPARE"):
             self.session_reset = "DISCARD ALL"
 
     def _error(self, head: int, body: bytes) -> bool:
         """An ErrorResponse: in extended protocol the server now skips everything until Sync."""
         self.copy_over()
-        if head == QUERY or head == HIDDEN_QUERY:
-            if head == HIDDEN_QUERY:
+        if head == QUERY or head == HIDDEN_QUERY or head == HIDDEN_ROWS:
+            if head == HIDDEN_ROWS:
+                self._rows = None  # capture() failed: its callback gets None
+            if head != QUERY:
                 fields = m.parse_error_fields(body)
                 self.hidden_error = fields
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
@@ -585,7 +610,7 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.pending.append(HIDDEN_PARSE)
         else:
             self.pending.append(PARSE_NAMED)
-            self.parse_names.append(client_name)
+            self.client_names.append(client_name)
         self.refs.append(stmt)
         stats.server_parses += 1
 
@@ -618,7 +643,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.pending.append(HIDDEN_CLOSE)
         self.pending.append(PARSE_NAMED)
         self.refs.append(_SYNTAX_CHECK)
-        self.parse_names.append(client_name)
+        self.client_names.append(client_name)
         self.pending.append(HIDDEN_CLOSE)
 
     def raise_error(self, out: bytearray, code: str, text: str, reply: bytes | None = None) -> None:
@@ -633,6 +658,15 @@ class ServerConn(ServerState, asyncio.Protocol):
         out += _RAISE_BIND_EXECUTE
         self.pending += _RAISE_KINDS
         self.refs.append(None)  # HIDDEN_PARSE carries a ref
+
+    def capture(self, sql: str, done: Callable[[list[list[str | None]] | None], None]) -> None:
+        """Run the pooler's own query and hand its rows to done (None if it failed); none of
+        its replies reach the client."""
+        assert self.transport is not None
+        self.unnamed_owner = None  # a simple Query drops the unnamed statement
+        self._rows, self._rows_done = [], done
+        self.pending.append(HIDDEN_ROWS)
+        self.transport.write(m.query(sql))
 
     def send_hidden(self, sql: str) -> None:
         """Run the pooler's own query; all of its replies are hidden."""

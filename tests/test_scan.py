@@ -32,7 +32,8 @@ messages = st.builds(
         st.binary(max_size=12),
         st.sampled_from([b"\0", b"S\0", b"Sname\0", b"P\0", b"\0\0", b"p\0stmt\0rest", b"DISCARD ALL\0",
                          b"I", b"SET\0", b"SELECT 1\0", b"LISTEN\0", b"PREPARE\0", b"SET", b"LISTEN",
-                         b"RESET\0"]),
+                         b"RESET\0", b"\0SELECT set_config('a', 'b', false)\0\0\0", b"SELECT SET_CONFIG(1)\0",
+                         b"DO\0", b"\x00\x01\x00\x00\x00\x01x"]),
     ),
 )
 streams = st.lists(messages, max_size=12).map(b"".join)
@@ -40,9 +41,12 @@ streams = st.lists(messages, max_size=12).map(b"".join)
 
 @needs_compiled
 @settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
-@given(streams, st.integers(0, 3), st.binary(max_size=8), st.integers(0, 2), st.integers(4, 64))
-def test_scan_requests_twins(data, cut, pending, check_names, max_len):
+@given(streams, st.integers(0, 3), st.binary(max_size=8), st.integers(0, 2), st.integers(4, 64),
+       st.booleans())
+def test_scan_requests_twins(data, cut, pending, check_names, max_len, growing):
     data = data[: max(0, len(data) - cut)]
+    if growing:  # the relays also scan the bytearray an incomplete message grew in
+        data = bytearray(data)
     py_pending, c_pending = bytearray(pending), bytearray(pending)
     expected = scan.py_scan_requests(data, 0, py_pending, check_names, max_len)
     assert _scan.scan_requests(data, 0, c_pending, check_names, max_len) == expected
@@ -51,9 +55,11 @@ def test_scan_requests_twins(data, cut, pending, check_names, max_len):
 
 @needs_compiled
 @settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
-@given(streams, st.integers(0, 3), st.lists(st.integers(1, 24), max_size=8).map(bytes))
-def test_scan_replies_twins(data, cut, pending):
+@given(streams, st.integers(0, 3), st.lists(st.integers(1, 24), max_size=8).map(bytes), st.booleans())
+def test_scan_replies_twins(data, cut, pending, growing):
     data = data[: max(0, len(data) - cut)]
+    if growing:
+        data = bytearray(data)
     py_pending, c_pending = bytearray(pending), bytearray(pending)
     expected = scan.py_scan_replies(data, 0, py_pending)
     assert _scan.scan_replies(data, 0, c_pending) == expected
@@ -84,3 +90,23 @@ def test_big_data_row_is_streamed():
     pending = bytearray([scan.QUERY])
     row = _message(ord("D"), b"x" * 1000)
     assert scan.scan_replies(row[:100], 0, pending) == (100, scan.STREAM, len(row) - 100, -1)
+
+
+def test_rows_of_the_poolers_own_query_are_left_to_it():
+    """HIDDEN_ROWS (ServerConn.capture): its DataRows stop the scanner, whole, never streamed."""
+    row = _message(ord("D"), b"\0\1\0\0\0\1x")
+    for scan_replies in (scan.py_scan_replies, *(() if _scan is None else (_scan.scan_replies,))):
+        assert scan_replies(row, 0, bytearray([scan.HIDDEN_ROWS])) == (0, scan.SPECIAL, 0, -1)
+        assert scan_replies(row[:6], 0, bytearray([scan.HIDDEN_ROWS])) == (0, scan.DONE, 0, -1)
+        assert scan_replies(row, 0, bytearray([scan.QUERY])) == (len(row), scan.DONE, 0, -1)
+
+
+@pytest.mark.parametrize("sql", [b"SELECT set_config('search_path', 'x', false)",
+                                 b"select SET_CONFIG($1, $2, false)"])
+def test_set_config_in_a_request_is_left_to_the_pooler(sql):
+    query = _message(ord("Q"), sql + b"\0")
+    parse = _message(ord("P"), b"\0" + sql + b"\0\0\0")
+    for scan_requests in (scan.py_scan_requests, *(() if _scan is None else (_scan.scan_requests,))):
+        for msg in (query, parse):
+            assert scan_requests(msg, 0, bytearray(), scan.NAMES_MAPPED, 1 << 30) == (0, scan.SPECIAL, 0)
+            assert scan_requests(msg, 0, bytearray(), scan.NAMES_PLAIN, 1 << 30) == (len(msg), scan.DONE, 0)

@@ -43,7 +43,8 @@ def test_parse_bool_as_postgres(value, wanted):
 
 
 def _server(tracked, settings=(), error=None):
-    return SimpleNamespace(id="S-1", tracked=tracked, settings=settings, hidden_error=error)
+    return SimpleNamespace(id="S-1", tracked=tracked, settings=settings, hidden_error=error,
+                           settings_unknown=False)
 
 
 def test_replay_sets_what_differs_and_defaults_what_is_missing():
@@ -63,8 +64,8 @@ def test_replay_after_a_failed_pooler_query_resets_and_sets_everything():
     mine = ("UTF8", None, None, None, "a'b\\c")
     server = _server(mine, (("x.y", "1"),), {"M": "boom"})
     sql = st.replay_sql(mine, (("x.y", "1"),), server)
-    assert sql.startswith("RESET ALL;SET \"client_encoding\" TO 'UTF8';"
-                          "SET \"application_name\" TO E'a''b\\\\c';")
+    assert sql.startswith("SET SESSION AUTHORIZATION DEFAULT;RESET ROLE;RESET ALL;"
+                          "SET \"client_encoding\" TO 'UTF8';SET \"application_name\" TO E'a''b\\\\c';")
     assert "set_config('x.y', '1', false)" in sql
     assert server.hidden_error is None
 

@@ -259,8 +259,9 @@ def test_failed_probe_leaves_the_server_as_it_was(tx_and_session):
 
 
 def test_reset_by_the_pooler_is_followed_by_a_replay(tx_and_session):
-    """A client's SET makes the pooler RESET ALL the server afterwards: that resets the startup
-    settings too, so they are replayed for it (and for the next client with the same ones)."""
+    """A client's SET lasts for its session (transaction mode: it follows the client); the other
+    client with the same startup settings keeps its own values, and a DISCARD ALL goes back to the
+    startup settings, as PostgreSQL's RESET does."""
     p = tx_and_session
     params = {"options": "-c search_path=mine -c statement_timeout=2500"}
     _, error, a = login(p.host, p.port, params, "tx")
@@ -272,7 +273,7 @@ def test_reset_by_the_pooler_is_followed_by_a_replay(tx_and_session):
         for conn in (a, b, a):
             assert show(conn, "search_path") == "mine"
             assert show(conn, "statement_timeout") == "2500ms"
-            assert show(conn, "work_mem") == "4MB"
+            assert show(conn, "work_mem") == ("7MB" if conn is a else "4MB")
         a.query("DISCARD ALL")  # the client's own: the server's settings are gone
         assert show(b, "search_path") == "mine"
         assert show(a, "search_path") == "mine"

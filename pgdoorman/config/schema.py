@@ -59,6 +59,9 @@ class PoolConfig:
     query_wait_timeout: float = 5.0
     prepared_statements_cache_size: int = 8192
     server_reset_query: str = "DISCARD ALL"
+    # Read the server's session settings after every transaction, not only after those whose
+    # replies show a change (SET, RESET, DISCARD, DO): for set_config() inside functions.
+    strict: bool = False
     users: dict[str, UserConfig] = field(default_factory=dict)  # keyed by username
 
 
@@ -78,6 +81,7 @@ class GeneralConfig:
     idle_transaction_timeout: float = 0.0
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
+    strict: bool = False  # the default of each pool's `strict`
     server_check_delay: float = 30.0
     application_name: str = "pgdoorman"
     admin_username: str = "admin"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -355,13 +356,15 @@ def replay_sql(tracked: tuple[str | None, ...], settings: Settings, server: Serv
     server's record says it has them from now on. After a failed pooler query on the server its
     record cannot be trusted: then everything is reset and set again."""
     error = server.hidden_error
-    full = error is not None
+    full = error is not None or server.settings_unknown
     parts = []
     if error is not None:
         log.info("%s: a pooler query failed here (%s): settings reset and replayed", server.id,
                  error.get("M"))
         server.hidden_error = None
-        parts.append("RESET ALL")
+    if full:
+        server.settings_unknown = False
+        parts.append("SET SESSION AUTHORIZATION DEFAULT;RESET ROLE;RESET ALL")  # ALL keeps these two
     parts += [f"SET {m.quote_ident(name)} TO {m.quote_literal(mine)}"
               for name, mine, theirs in zip(TRACKED_PARAMS, tracked, server.tracked, strict=True)
               if mine is not None and (full or mine != theirs)]
@@ -373,7 +376,7 @@ def replay_sql(tracked: tuple[str | None, ...], settings: Settings, server: Serv
         changed = [(name, value) for name, value in settings if have.get(name) != value]
         if changed:
             parts.append(set_config_sql(changed))
-        server.settings = settings
+    server.settings = settings  # after a full reset too, whatever the server's record said
     return ";".join(parts)
 
 
@@ -385,3 +388,58 @@ def followed(settings: Settings, name: str, value: str) -> Settings:
         if have == key:
             return settings if old == value else settings[:i] + ((key, value),) + settings[i + 1:]
     return settings
+
+
+# --- reading a client's settings back (transaction and statement mode) ---
+
+# PostgreSQL is the authority on what a transaction left: every setting whose source is the
+# session (SET, set_config(..., false), a SET inside a function or DO block; a rolled-back SET is
+# gone), then the two that pg_settings does not show. Schema-qualified: the client's search_path
+# must not choose what runs.
+_SESSION_SETTINGS_SQL = (
+    "SELECT * FROM (SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+    " ORDER BY name) s UNION ALL SELECT 'session_authorization',"
+    " pg_catalog.current_setting('session_authorization')"
+    " UNION ALL SELECT 'role', pg_catalog.current_setting('role')"
+)
+_TRACKED_LOWER = frozenset(name.lower() for name in TRACKED_PARAMS)
+# Custom settings (myapp.tenant) that no extension defines are placeholders pg_settings does not
+# show: their names come from the client's SET and set_config() texts.
+_CUSTOM_SET = re.compile(rb"(?i)^\s*set\s+(?:session\s+)?([a-z_][\w$]*\.[a-z_][\w$]*)")
+_CUSTOM_CONFIG = re.compile(rb"(?i)set_config\s*\(\s*'([a-z_][\w$]*\.[a-z_][\w$]*)'")
+MAX_CUSTOM_NAMES = 64  # per client: the names it may have set, read back by name
+
+
+def custom_names(sql: bytes | bytearray) -> list[str]:
+    """Names of custom settings a query text sets (SET a.b ..., set_config('a.b', ...))."""
+    names = [match.group(1) for match in _CUSTOM_CONFIG.finditer(sql)]
+    first = _CUSTOM_SET.match(sql)
+    if first is not None:
+        names.append(first.group(1))
+    return [name.decode("ascii").lower() for name in names]
+
+
+def session_settings_sql(custom: Sequence[str]) -> str:
+    """The query that reads a client's session settings back, custom ones by name."""
+    return _SESSION_SETTINGS_SQL + "".join(
+        f" UNION ALL SELECT {quoted}, pg_catalog.current_setting({quoted}, true)"
+        for quoted in map(m.quote_literal, custom))
+
+
+def session_settings(rows: Sequence[Sequence[str | None]], login_user: str,
+                     initial: Settings = ()) -> Settings:
+    """A client's settings from session_settings_sql's rows on the server it was lent, over its
+    startup settings (initial: what its RESET goes back to). The ParameterStatus ones are tracked
+    apart (TRACKED_PARAMS); session_authorization and role only where the client changed them."""
+    merged = dict(initial)  # a value read back replaces the startup one, in the startup's order
+    seen: set[str] = set()
+    for name, value in rows:
+        if name is None or value is None or name.lower() in _TRACKED_LOWER or name in seen:
+            continue
+        seen.add(name)
+        if value == "" and "." in name:  # a custom setting never set (or RESET): nothing to replay
+            continue
+        if (name == "session_authorization" and value == login_user) or (name == "role" and value == "none"):
+            continue
+        merged[name] = value
+    return tuple(merged.items())

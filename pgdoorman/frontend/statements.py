@@ -32,6 +32,7 @@ from pgdoorman.protocol.scan import (
     SYNC,
     SYNTH_PARSE,
     SYNTH_QUERY,
+    mentions_settings,
 )
 from pgdoorman.server import SYNTH_REPLY, UNNAMED_REPARSE, ServerConn
 
@@ -81,6 +82,7 @@ class StatementMapping:
         _paused: bool
 
         def _forward(self, data: bytes | bytearray, server: ServerConn) -> None: ...
+        def note_settings(self, server: ServerConn, sql: bytes | bytearray) -> None: ...
 
     def _prepare_locally(self, data: bytes | bytearray) -> bool:
         """Answer "Parse(named)... Sync" outside a transaction without a server when every statement
@@ -226,7 +228,8 @@ class StatementMapping:
     def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes:
         name_end = data.index(0, name_at, end)
         out = bytearray()
-        stmt = self._lookup(bytes(data[name_at:name_end]), server, out)
+        name = bytes(data[name_at:name_end])
+        stmt = self._lookup(name, server, out)
         if stmt is None:
             server.pending.append(BIND)
             return UNCHANGED  # unknown name: the server answers "does not exist" itself
@@ -234,6 +237,7 @@ class StatementMapping:
             return self._held_or_raised(stmt, out)
         server.pending.append(BIND_NAMED)
         server.refs.append(stmt)
+        server.client_names.append(name)
         assert self.pool is not None
         self.pool.registry.stats.binds += 1
         # end may lie beyond data (a large Bind, streamed): the length is the whole message's.
@@ -245,7 +249,8 @@ class StatementMapping:
 
     def _describe(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes | None:
         out = bytearray()
-        stmt = self._lookup(bytes(data[pos + 6 : end - 1]), server, out)
+        name = bytes(data[pos + 6 : end - 1])
+        stmt = self._lookup(name, server, out)
         if stmt is None:
             server.pending.append(DESCRIBE)
             return None
@@ -254,6 +259,7 @@ class StatementMapping:
         out += m.message(b"D", b"S" + stmt.server_name + b"\0")
         server.pending.append(DESCRIBE_NAMED)
         server.refs.append(stmt)
+        server.client_names.append(name)
         return bytes(out)
 
     def _held_or_raised(self, outcome: bytes, out: bytearray) -> bytes:
@@ -268,6 +274,8 @@ class StatementMapping:
         client's protocol-level names are the pooler's to deallocate, and the pooler's own
         server-side names are no client's."""
         server.pending.append(QUERY)
+        if mentions_settings(data, pos + 5, end):
+            self.note_settings(server, data[pos + 5 : end - 1])  # read back after the transaction
         server.unnamed_owner = None  # any simple Query drops the unnamed statement
         self._unnamed_saved, self._unnamed = self._unnamed, None
         sql = bytes(data[pos + 5 : end - 1])

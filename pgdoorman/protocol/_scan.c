@@ -11,9 +11,22 @@
 
 enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
 enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
+#define HIDDEN_ROWS 17
 #define SYNTH_PARSE 20
 #define COPY_END 22
 enum { NAMES_PLAIN = 0, NAMES_MAPPED = 1, NAMES_GUARDED = 2 };
+
+/* A query text that may change session settings: it starts with SET, or may call set_config()
+ * (any case of "_config", or a false positive such as pg_config: the pooler then reads the
+ * session settings back once more than needed). See scan.py. */
+static inline int mentions_settings(const unsigned char *text, size_t len)
+{
+    if (len >= 4 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'e' && (text[2] | 0x20) == 't' &&
+        (text[3] == ' ' || text[3] == '\t' || text[3] == '\n' || text[3] == '\r'))
+        return 1;
+    return memmem(text, len, "_config", 7) || memmem(text, len, "_CONFIG", 7) ||
+           memmem(text, len, "_Config", 7);
+}
 
 static inline uint32_t be32(const unsigned char *p)
 {
@@ -57,8 +70,10 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
     while (pos + 5 <= n) {
         unsigned char kind = data[pos];
         Py_ssize_t end = pos + 1 + (Py_ssize_t)be32(data + pos + 1);
+        /* the pooler reads the rows of its own HIDDEN_ROWS queries, whole */
+        int rows_hidden = kind == 'D' && head < npending && kinds[head] == HIDDEN_ROWS;
         if (end > n) {
-            if (kind == 'D' || kind == 'd') {
+            if ((kind == 'D' && !rows_hidden) || kind == 'd') {
                 skip = (long)(end - n);
                 pos = n;
                 result = STREAM;
@@ -66,6 +81,10 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             break;
         }
         if (kind == 'D') {
+            if (rows_hidden) {
+                result = SPECIAL;
+                break;
+            }
             pos = end;
             continue;
         }
@@ -230,7 +249,8 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                 ((data[pos + 5] && strchr("DdPp", data[pos + 5]) &&
                   ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
                    !strncasecmp((const char *)data + pos + 5, "prepare", 7))) ||
-                 memmem(data + pos + 5, (size_t)(length - 4), "\"PGDOORMAN_", 11)))
+                 memmem(data + pos + 5, (size_t)(length - 4), "\"PGDOORMAN_", 11) ||
+                 mentions_settings(data + pos + 5, (size_t)(length - 4))))
                 result = SPECIAL;
             add = QUERY;
             break;
@@ -244,7 +264,8 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             add = SYNC;
             break;
         case 'P':
-            if (check_names && data[pos + 5] != 0)
+            if (check_names &&
+                (data[pos + 5] != 0 || mentions_settings(data + pos + 6, (size_t)(length - 5))))
                 result = SPECIAL;
             else if (check_names == NAMES_GUARDED)
                 check_names = NAMES_MAPPED; /* the unnamed statement is this client's from here on */

@@ -167,3 +167,19 @@ def raise_sql(code: str, text: str) -> str:
     must change the server's state as a real one would: abort the transaction, skip the batch)."""
     return (f"DO $pgdoorman$BEGIN RAISE EXCEPTION USING ERRCODE = {quote_literal(code)}, "
             f"MESSAGE = {quote_literal(text)}; END$pgdoorman$")
+
+
+def data_row_values(body: bytes | bytearray) -> list[str | None]:
+    """The columns of a DataRow body, as text (None for NULL)."""
+    count = struct.unpack_from("!h", body, 0)[0]
+    values: list[str | None] = []
+    pos = 2
+    for _ in range(count):
+        length = struct.unpack_from("!i", body, pos)[0]
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(bytes(body[pos : pos + length]).decode("utf-8", "replace"))
+            pos += length
+    return values

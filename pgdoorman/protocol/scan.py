@@ -29,6 +29,7 @@ DESCRIBE_NAMED = 13  # client Describe of a mapped statement (has a ref): its sh
 HIDDEN_DESCRIBE = 14  # the pooler checks a re-prepared statement's shape (has a ref); all hidden
 HIDDEN_BIND = 15  # the pooler's Bind/Execute that raises an error on the server (BindComplete
 HIDDEN_EXECUTE = 16  # hidden; the error itself goes to the client): see ServerConn.raise_error
+HIDDEN_ROWS = 17  # pooler's own query whose rows it reads (ServerConn.capture): all hidden
 # From SYNTH_PARSE on, a kind is "due" as soon as everything before it is answered: the pooler
 # answers it itself, in order.
 SYNTH_PARSE = 20  # client Parse of a statement the server has: pooler answers ParseComplete
@@ -57,6 +58,16 @@ _STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from t
 # client's protocol-level statement, and PREPARE/DEALLOCATE of the pooler's own names.
 _OWN_QUERY_PREFIXES = (b"deallocate", b"prepare")
 QUOTED_SERVER_NAME = b'"PGDOORMAN_'  # how SQL can name the pooler's statements (see prepared.py)
+# A query that may change session settings: it starts with SET (the pooler reads the names of
+# custom settings from it), or may call set_config() (any case, or a false positive such as
+# pg_config). The pooler reads the session settings back after it (frontend/settings.py).
+_CONFIG_MARKS = (b"_config", b"_CONFIG", b"_Config")
+
+
+def mentions_settings(data: bytes | bytearray, start: int, end: int) -> bool:
+    if end - start >= 4 and data[start : start + 3].lower() == b"set" and data[start + 3] in b" \t\n\r":
+        return True
+    return any(data.find(mark, start, end) >= 0 for mark in _CONFIG_MARKS)
 # CommandComplete tags of statements that change session state a later client could see.
 _SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0"))
 
@@ -70,10 +81,12 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
         kind = data[pos]
         end = pos + 1 + _unpack_len(data, pos + 1)[0]
         if end > n:
-            if kind == 68 or kind == 100:
+            if kind == 100 or (kind == 68 and not (pending and pending[0] == HIDDEN_ROWS)):
                 return n, STREAM, end - n, last_z
             return pos, DONE, 0, last_z
         if kind == 68:
+            if pending and pending[0] == HIDDEN_ROWS:
+                return pos, SPECIAL, 0, last_z  # the pooler reads its own query's rows
             pos = end
             continue
         if not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE:
@@ -143,7 +156,7 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
                 return pos, SPECIAL, 0  # not a frontend message
             return n, STREAM, end - n
         if kind == 80:  # Parse
-            if check_names and data[pos + 5] != 0:
+            if check_names and (data[pos + 5] != 0 or mentions_settings(data, pos + 6, end)):
                 return pos, SPECIAL, 0
             pending.append(PARSE)
             if check_names == NAMES_GUARDED:
@@ -158,7 +171,7 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
         elif kind == 81 and check_names and length >= 11 and (
                 (data[pos + 5] in b"DdPp"
                  and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES))
-                or data.find(QUOTED_SERVER_NAME, pos + 5, end) >= 0):
+                or data.find(QUOTED_SERVER_NAME, pos + 5, end) >= 0 or mentions_settings(data, pos + 5, end)):
             return pos, SPECIAL, 0
         elif kind in _PLAIN_REQUEST:
             if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \

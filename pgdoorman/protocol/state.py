@@ -23,6 +23,7 @@ from pgdoorman.protocol.scan import (
     HIDDEN_EXECUTE,
     HIDDEN_PARSE,
     HIDDEN_QUERY,
+    HIDDEN_ROWS,
     PARSE,
     PARSE_NAMED,
     QUERY,
@@ -32,13 +33,13 @@ from pgdoorman.protocol.scan import (
 
 STATUS_IDLE = 73  # 'I'
 HAS_REF = (PARSE_NAMED, HIDDEN_PARSE, BIND_NAMED, DESCRIBE_NAMED, HIDDEN_DESCRIBE)
-_READY_KINDS = (QUERY, SYNC, HIDDEN_QUERY)  # requests answered by ReadyForQuery
+_READY_KINDS = (QUERY, SYNC, HIDDEN_QUERY, HIDDEN_ROWS)  # requests answered by ReadyForQuery
 
 
 class ServerState:
     """Mixed into ServerConn: the protocol state of one server connection."""
 
-    __slots__ = ("copy_in", "doubt", "parse_names", "pending", "raised", "refs", "skipping", "status",
+    __slots__ = ("copy_in", "doubt", "client_names", "pending", "raised", "refs", "skipping", "status",
                  "synth_replies", "unnamed_owner", "unsynced")
 
     def init_state(self) -> None:
@@ -63,9 +64,10 @@ class ServerState:
         # ServerConn.raise_error: the ErrorResponse to show for each raise (None: the server's),
         # one per HIDDEN_EXECUTE in pending.
         self.raised: deque[bytes | None] = deque()
-        # The client's name for each of its Parses owed a reply (one per PARSE_NAMED, in order):
-        # a Parse that fails or is skipped must leave exactly that name undefined.
-        self.parse_names: deque[bytes] = deque()
+        # The client's own statement name for each PARSE_NAMED, BIND_NAMED and DESCRIBE_NAMED owed
+        # a reply, in order: a Parse that fails or is skipped leaves exactly that name undefined,
+        # and an error names the statement as that request did (a query may have two names).
+        self.client_names: deque[bytes] = deque()
 
     # --- whether the server may be lent ---
 
@@ -166,7 +168,7 @@ class ServerState:
         """An ErrorResponse to an extended-protocol request: PostgreSQL now skips every message
         (Query included) until Sync. Drops the oldest owed requests up to that Sync."""
         pending = self.pending
-        while pending and pending[0] != SYNC and pending[0] != HIDDEN_QUERY:
+        while pending and pending[0] != SYNC and pending[0] != HIDDEN_QUERY and pending[0] != HIDDEN_ROWS:
             self._drop_head()
         if not pending:
             # No Sync yet: whatever the client sends until its Sync is skipped too.
@@ -180,7 +182,9 @@ class ServerState:
         if kind in HAS_REF:
             ref = self.refs.popleft()
             if kind == PARSE_NAMED:
-                ref = (ref, self.parse_names.popleft())
+                ref = (ref, self.client_names.popleft())
+            elif kind == BIND_NAMED or kind == DESCRIBE_NAMED:
+                self.client_names.popleft()
         elif kind == SYNTH_QUERY:
             self.synth_replies.popleft()
         elif kind == HIDDEN_EXECUTE:
