@@ -565,6 +565,11 @@ class ServerConn(ServerState, asyncio.Protocol):
                 log.info("%s: statement %s changed result type: retired", self.id,
                          ref.server_name.decode())
                 self.pool.registry.retire(ref)
+        if head == PARSE and self.client is not None:
+            # The client's unnamed Parse failed: directly it has no unnamed statement now. (One
+            # skipped after another request's error leaves the one before; the pooler keeps its
+            # latest Parse then: known difference if the texts differ, docs/protocol.md.)
+            self.client.on_parse_failed(b"", None)
         self.skip_to_sync()
         return True
 
@@ -580,9 +585,6 @@ class ServerConn(ServerState, asyncio.Protocol):
         elif kind == QUERY:
             if self.client is not None:
                 self.client.on_query_skipped()
-        elif kind == PARSE:  # the client's unnamed Parse
-            if self.client is not None:
-                self.client.on_parse_failed(b"", None)
         elif kind == HIDDEN_PARSE and ref is not None:
             self.statements.discard(ref)
         elif kind == HIDDEN_DESCRIBE and self.client is not None:

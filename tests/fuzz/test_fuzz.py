@@ -8,6 +8,7 @@ pgdoorman, and the replies, the victim's view and the committed rows must agree.
     PGDOORMAN_FUZZ_SHRINK_SECONDS=S  how long hypothesis may shrink a failure (default 60)
     PGDOORMAN_FUZZ_TIMEOUT=S         seconds to wait for each reply (default 2; the victim: S + 1.5)
     PGDOORMAN_FUZZ_SKIP=a,b          features not to generate, to look past a known bug (see fuzzgen.SKIP)
+    PGDOORMAN_FUZZ_RANDOM=1          new random examples (default: the same derandomized ones every run)
 
 Runs are random (no example database, no fixed seed). A failure prints the minimal script as Python
 source: add it to tests/fuzz/test_fuzz_regressions.py.
@@ -28,6 +29,9 @@ from hypothesis import strategies as st
 DEFAULT_EXAMPLES = 750  # per configuration: 3000 in all, about 5 minutes on 2 cores
 EXAMPLES = int(os.environ.get("PGDOORMAN_FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
 SHRINK_SECONDS = float(os.environ.get("PGDOORMAN_FUZZ_SHRINK_SECONDS") or 60)
+# CI runs the same examples every time (a commit is green or not, not by luck);
+# PGDOORMAN_FUZZ_RANDOM=1 explores new ones (and every finding becomes a regression test).
+RANDOM = os.environ.get("PGDOORMAN_FUZZ_RANDOM", "") not in ("", "0")
 
 
 @contextlib.contextmanager
@@ -52,7 +56,8 @@ def shrink_limit(seconds: float) -> Iterator[None]:
 @pytest.mark.timeout(int(600 + 4 * EXAMPLES + 2 * SHRINK_SECONDS))
 def test_fuzz(fuzz_env: FuzzEnv) -> None:
     @settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False,
+              derandomize=not RANDOM)
     @given(data=st.data())
     def one_script(data: st.DataObject) -> None:
         script = data.draw(steps(fuzz_env.mode), label="script")

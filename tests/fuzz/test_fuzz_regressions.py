@@ -215,6 +215,13 @@ REGRESSIONS = [
               Parse('SELECT id, v FROM fz_t ORDER BY id', name='s1'), Bind(stmt='s1'), Execute(),
               Bind(params=('1',), stmt='s1'), Execute(), Sync())),
     ], BOTH, id="error-names-the-alias-bound"),
+    # session 4: an unnamed Parse skipped after an error leaves the unnamed statement that an earlier
+    # Parse of the same batch made; the pooler forgot it (26000 on the next Bind without Parse).
+    pytest.param([
+        Step((Parse('SELECT id, v FROM fz_t ORDER BY id'), Bind(), Execute(), Parse('SELECT $1::int + 1'),
+              Bind(), Execute(), Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+        Step((Bind(params=('1',)), Execute(), Sync())),
+    ], BOTH, id="unnamed-survives-skipped-reparse"),
     pytest.param([
         Step((Query("BEGIN; INSERT INTO fz_t VALUES (7, 'big')", pad=100000),), cuts=(1,)),
         Step((Query('SELECT 1'),)),
