@@ -215,6 +215,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             if not self._terminating:
                 self._terminate(server)
             return None if self.state == CLOSED else True
+        if self.state == ACTIVE and server is None and self._held is not None and not self._partial:
+            # Its requests wait for a server: they still run, and on_ready then closes.
+            self._terminating = _RECEIVED
+            return True
         return None
 
     def pause_writing(self) -> None:
@@ -910,6 +914,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def movable(self) -> bool:
         """Waiting for a server between transactions, with nothing half-read or half-written."""
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
+                and not self._terminating
                 and self._held is not None and not self._partial and not self._skip and not self._paused
                 and self._verify_hold is None and not self._drop
                 and not self.transport.get_write_buffer_size())

@@ -600,3 +600,32 @@ def test_unnamed_statement_outlives_the_transaction(pg, one_server, workers, oth
     assert [e["C"] for e in errors_of(read_replies(a))] == ["26000"]
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_requests_then_eof_while_waiting_for_a_server(pg, one_server, workers):
+    """Case 6 family: a client sends requests, Terminate, and shuts its side while the one server
+    is busy with another client. PostgreSQL would answer them before closing: so must the pooler,
+    once the server is free (it closed at the EOF and the requests never ran)."""
+    import socket
+
+    p = one_server("transaction", workers)
+    holder = via(p)
+    holder.send(Q("BEGIN"))
+    read_replies(holder)
+    expected_conn = direct(pg)
+    batch = parse("SELECT 1 / $1::int") + bind(("0",)) + execute() + parse("SELECT $1::int + 1") \
+        + bind(("1",)) + execute() + SYNC
+    expected_conn.send(batch)
+    expected = read_replies(expected_conn)
+    expected_conn.close()
+    a = via(p)
+    a.send(batch + TERMINATE)
+    a.sock.shutdown(socket.SHUT_WR)
+    time.sleep(0.3)  # it waits for the server, with its side shut
+    holder.send(Q("COMMIT"))
+    read_replies(holder)
+    got = read_replies(a, what="replies after Terminate and EOF")
+    assert normalise(got) == normalise(expected)
+    assert nothing_more(a) == []
+    holder.close()
