@@ -627,25 +627,24 @@ class ServerConn(ServerState, asyncio.Protocol):
     def check_syntax(self, query_and_types: bytes, out: bytearray) -> None:
         """Append a hidden Parse (and Close) of this query under a throw-away name: if it fails,
         the client gets PostgreSQL's error and the rest of the batch is skipped."""
-        out += _CHECK_CLOSE  # one left by an earlier check whose Close was skipped
-        out += m.parse_message(_CHECK_NAME, query_and_types)
-        out += _CHECK_CLOSE
-        self.pending.append(HIDDEN_CLOSE)
-        self.pending.append(HIDDEN_PARSE)
-        self.refs.append(_SYNTAX_CHECK)
-        self.pending.append(HIDDEN_CLOSE)
+        self._parse_throwaway(query_and_types, out, HIDDEN_PARSE)
 
     def parse_in_place(self, query_and_types: bytes, out: bytearray, client_name: bytes) -> None:
         """The client's Parse of a statement this server already has, where PostgreSQL must say
         whether it succeeds now: parsed under a throw-away name (and closed); its ParseComplete or
         ErrorResponse is the client's, and a failure leaves the client's name undefined."""
+        self._parse_throwaway(query_and_types, out, PARSE_NAMED)
+        self.client_names.append(client_name)
+
+    def _parse_throwaway(self, query_and_types: bytes, out: bytearray, kind: int) -> None:
+        """Close + Parse + Close of the query as _CHECK_NAME; the Parse is owed as `kind`. The first
+        Close drops one left by an earlier check whose own Close was skipped."""
         out += _CHECK_CLOSE
         out += m.parse_message(_CHECK_NAME, query_and_types)
         out += _CHECK_CLOSE
         self.pending.append(HIDDEN_CLOSE)
-        self.pending.append(PARSE_NAMED)
+        self.pending.append(kind)
         self.refs.append(_SYNTAX_CHECK)
-        self.client_names.append(client_name)
         self.pending.append(HIDDEN_CLOSE)
 
     def raise_error(self, out: bytearray, code: str, text: str, reply: bytes | None = None) -> None:
