@@ -36,12 +36,11 @@ from pgdoorman.frontend.settings import (
     split_local,
     startup_settings,
 )
-from pgdoorman.frontend.statements import HOLD, UNCHANGED, StatementMapping
+from pgdoorman.frontend.statements import HOLD, UNCHANGED, UNNAMED_KEEP, StatementMapping
 from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
-    BAD_LENGTH,
     BIND,
     CLOSE,
     COPY_END,
@@ -52,7 +51,8 @@ from pgdoorman.protocol.scan import (
     NAMES_MAPPED,
     NAMES_PLAIN,
     PARSE,
-    QUERY,
+    SAW_PARSE,
+    SAW_QUERY,
     SPECIAL,
     STREAM,
     SYNC,
@@ -89,7 +89,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     __slots__ = (
         "_asked", "_auth_kind", "_buf", "_drop", "_held", "_max_message", "_moved", "_need", "_partial",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
-        "_custom", "_initial", "_startup", "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
+        "_custom", "_initial", "_names", "_startup", "_statement_mode", "_stmt_cap", "_strict",
+        "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "seen_activity", "server", "settings", "state", "tracked", "transport", "wait_since", "waiting",
@@ -107,6 +108,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.peer = "?"
         self.pool: Pool | None = None
         self.mode = TRANSACTION
+        self._statement_mode = False
+        self._names = NAMES_PLAIN  # how scan_requests treats statement names (see _join)
         self.server: ServerConn | None = None
         self.waiting = False
         self.params: dict[str, str] = {}  # the values this client believes its session has
@@ -323,6 +326,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.pool = pool
         pool.clients += 1
         self.mode = pool.mode
+        self._statement_mode = pool.mode == STATEMENT
+        self._names = NAMES_PLAIN if pool.mode == SESSION else NAMES_MAPPED
         self._rewrite = pool.mode != SESSION and pool.prepared_enabled
         self._strict = pool.mode != SESSION and pool.cfg.strict
         self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
@@ -452,26 +457,31 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     # --- getting a server ---
 
     def _need_server(self, waiting_since: float = 0.0) -> None:
-        assert self.pool is not None and self._held is not None
-        held = self._held
+        pool, held = self.pool, self._held
+        assert pool is not None and held is not None
         first = self._partial[0] if self._partial else held[0]  # else: a message's continuation
-        if first == 88:  # Terminate
-            self.close("client close request")
-            return
-        if first in _NO_REPLY_KINDS and not self._partial:
-            # CopyData/Done/Fail after a COPY that failed, or a Flush: PostgreSQL drops them
-            # outside COPY, so they need no server. Only whole messages are dropped here.
-            skipped = _whole_no_reply_prefix(held)
-            if skipped == len(held):
+        if _LOOK_FIRST[first]:  # one table lookup on the hot path; the rare kinds below
+            if first == 80:
+                pass  # a Parse: see below
+            elif first == 88:  # Terminate
+                self.close("client close request")
+                return
+            elif not self._partial:
+                # CopyData/Done/Fail after a COPY that failed, or a Flush: PostgreSQL drops them
+                # outside COPY, so they need no server. Only whole messages are dropped here.
+                skipped = _whole_no_reply_prefix(held)
+                if skipped == len(held):
+                    self._held = None
+                    return
+                if skipped:
+                    held = self._held = held[skipped:]
+                    first = held[0]
+            # A named Parse of a statement this client has is answered without a server.
+            if (first == 80 and not self._partial and len(held) > 5 and held[5] != 0 and self._rewrite
+                    and self._prepare_locally(held)):
                 self._held = None
                 return
-            if skipped:
-                held = self._held = held[skipped:]
-                first = held[0]
-        if first == 80 and len(held) > 5 and held[5] != 0 and self._rewrite and self._prepare_locally(held):
-            self._held = None
-            return
-        server = self.pool.acquire(self, waiting_since)
+        server = pool.acquire(self, waiting_since)
         if server is not None:
             self.assign(server)
         # else: the pool calls assign() or wait_failed() (query_wait_timeout is checked by the pool's
@@ -483,26 +493,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def assign(self, server: ServerConn) -> None:
         """The pool lends us a server: replay settings, then forward what the client sent."""
-        pool = self.pool
-        assert pool is not None
-        if self.state == CLOSED:
-            pool.release(server)
+        if self.state != ACTIVE and not self._assign_at_login(server):
             return
-        if self.state == WAIT_LOGIN:
-            welcome = cached_welcome(pool, self._asked)
-            if welcome is None:  # PostgreSQL judges the startup settings first, on this server
-                Probe(server, split_local(self._asked)[0], self._probe_done, self._probe_lost)
-                return
-            if self.mode != SESSION:
-                pool.release(server)  # the login only needed the pool's ParameterStatus values
-                self._welcome(welcome)
-                if self._held is not None:
-                    self._need_server()
-                return
-            self._welcome(welcome, pid=server.backend_pid)
         self.server = server
         server.client = self
-        server.refuse_transactions = self.mode == STATEMENT
+        server.refuse_transactions = self._statement_mode
         if (server.tracked != self.tracked or server.settings != self.settings or server.hidden_error
                 or server.settings_unknown):
             self._sync_params(server)
@@ -513,6 +508,26 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if held:
             self._forward(held, server)
 
+    def _assign_at_login(self, server: ServerConn) -> bool:
+        """assign() before the client is logged in (or after it closed): whether to lend it."""
+        pool = self.pool
+        assert pool is not None
+        if self.state == CLOSED:
+            pool.release(server)
+            return False
+        welcome = cached_welcome(pool, self._asked)
+        if welcome is None:  # PostgreSQL judges the startup settings first, on this server
+            Probe(server, split_local(self._asked)[0], self._probe_done, self._probe_lost)
+            return False
+        if self.mode != SESSION:
+            pool.release(server)  # the login only needed the pool's ParameterStatus values
+            self._welcome(welcome)
+            if self._held is not None:
+                self._need_server()
+            return False
+        self._welcome(welcome, pid=server.backend_pid)
+        return True
+
     def _sync_params(self, server: ServerConn) -> None:
         sql = replay_sql(self.tracked, self.settings, server)
         if sql:
@@ -521,129 +536,131 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     # --- relaying requests ---
 
     def _forward(self, data: bytes | bytearray, server: ServerConn) -> None:
+        """Relay what the client sent to its server, counting what it is owed (one function: this
+        runs once per transaction)."""
         try:
-            self._relay(data, server)
-        except (ValueError, IndexError):
-            self.fatal(codes.PROTOCOL_VIOLATION, "malformed message from client")
-
-    def _relay(self, data: bytes | bytearray, server: ServerConn) -> None:
-        if self._partial:
-            # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
-            partial = self._partial
-            if not isinstance(partial, bytearray):
-                partial = self._partial = bytearray(partial)
-            partial += data
-            if len(partial) < self._need:
-                return
-            data, self._partial = partial, b""
-        if self._drop:  # the rest of a request the pooler replaced with an error
-            if self._drop >= len(data):
-                self._drop -= len(data)
-                return
-            data, self._drop = data[self._drop :], 0
-        n = len(data)
-        pos = self._skip
-        transport = server.transport
-        assert transport is not None
-        if pos >= n:
-            self._skip = pos - n
-            transport.write(data)
-            if not self._skip and not server.pending:
-                self._message_done(server)
-            return
-        self._skip = 0
-        pending = server.pending
-        start = len(pending)
-        session = self.mode == SESSION
-        out: bytearray | None = None
-        copied = 0
-        while True:
-            names = NAMES_PLAIN if session else (
-                NAMES_MAPPED if server.unnamed_owner is self else NAMES_GUARDED)
-            scanned_from = len(pending)
-            scan_start = pos
-            pos, result, skip = scan_requests(data, pos, pending, names, self._max_message)
-            if names != NAMES_PLAIN and len(pending) != scanned_from:
-                # Whose unnamed statement the server holds, and which one is this client's (a
-                # later Bind without Parse may need it on another server): an unnamed Parse sets
-                # it, any simple Query drops it (as PostgreSQL does).
-                parse_at = pending.rfind(PARSE, scanned_from)
-                if parse_at >= 0:
-                    server.unnamed_owner = self if pending.find(QUERY, parse_at) < 0 else None
-                    self._note_unnamed(data, scan_start, pos)
-                elif pending.find(QUERY, scanned_from) >= 0:
-                    server.unnamed_owner = None
-                    self._unnamed_saved, self._unnamed = self._unnamed, None  # see on_query_skipped
-            if result == SPECIAL:
-                end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                if data[pos] == 88:  # Terminate: what came before it still goes to the server
-                    if out is None:
-                        out = bytearray()
-                    out += data[copied:pos]
-                    if out and not server.closed:
-                        transport.write(out)
-                    server.requests_sent(start)
-                    self._terminate(server)
+            if self._partial:
+                # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
+                partial = self._partial
+                if not isinstance(partial, bytearray):
+                    partial = self._partial = bytearray(partial)
+                partial += data
+                if len(partial) < self._need:
                     return
-                replaced = self._special_request(data, pos, end, server)
-                if replaced is None:  # the client is gone; the server is closed with it
+                data, self._partial = partial, b""
+            if self._drop:  # the rest of a request the pooler replaced with an error
+                if self._drop >= len(data):
+                    self._drop -= len(data)
                     return
-                if replaced is HOLD:  # send what comes before; hold this message and the rest
-                    if out is None:
-                        out = bytearray()
-                    out += data[copied:pos]
-                    out += self._hold_prefix
-                    self._hold_prefix = b""
-                    self._verify_hold = bytearray(data[pos:])
-                    transport.write(out)
-                    server.requests_sent(start)
+                data, self._drop = data[self._drop :], 0
+            n = len(data)
+            pos = self._skip
+            transport = server.transport
+            assert transport is not None
+            if pos:  # the rest of a message streamed through
+                if pos >= n:
+                    self._skip = pos - n
+                    transport.write(data)
+                    if not self._skip and not server.pending:
+                        self._message_done(server)
                     return
-                if replaced is not UNCHANGED:
-                    if out is None:
-                        out = bytearray()
-                    out += data[copied:pos]
-                    out += replaced
-                    copied = end
-                pos = end
-                if end > n:  # a Bind too large for one read: the rest streams (or is dropped)
-                    if self._dropping:
-                        self._dropping, self._drop = False, end - n
+                self._skip = 0
+            pending = server.pending
+            start = len(pending)
+            out: bytearray | None = None
+            copied = 0
+            while True:
+                names = self._names
+                if names and server.unnamed_owner is not self:
+                    names = NAMES_GUARDED  # its unnamed statement may be another client's
+                scan_start = pos
+                pos, result, skip, seen = scan_requests(data, pos, pending, names, self._max_message)
+                if seen:
+                    # Whose unnamed statement the server holds, and which one is this client's (a
+                    # later Bind without Parse may need it on another server): an unnamed Parse sets
+                    # it, any simple Query drops it (as PostgreSQL does).
+                    if seen & SAW_PARSE:
+                        server.unnamed_owner = None if seen & SAW_QUERY else self
+                        if type(data) is bytes and n <= UNNAMED_KEEP:
+                            self._unnamed = (data, scan_start, pos)  # _note_unnamed's usual case
+                        else:
+                            self._note_unnamed(data, scan_start, pos)
                     else:
-                        self._skip = end - n
-                    pos = n
-                    if replaced is not UNCHANGED:
-                        copied = n  # the replacement holds what it needs of this message
+                        server.unnamed_owner = None
+                        self._unnamed_saved, self._unnamed = self._unnamed, None  # see on_query_skipped
+                if not result:  # DONE
                     break
-                self._dropping = False
-                continue
-            if result == BAD_LENGTH:
+                if result == STREAM:
+                    self._skip = skip
+                    break
+                if result == SPECIAL:
+                    end = pos + 1 + _unpack_len(data, pos + 1)[0]
+                    if data[pos] == 88:  # Terminate: what came before it still goes to the server
+                        if out is None:
+                            out = bytearray()
+                        out += data[copied:pos]
+                        if out and not server.closed:
+                            transport.write(out)
+                        server.requests_sent(start)
+                        self._terminate(server)
+                        return
+                    replaced = self._special_request(data, pos, end, server)
+                    if replaced is None:  # the client is gone; the server is closed with it
+                        return
+                    if replaced is HOLD:  # send what comes before; hold this message and the rest
+                        if out is None:
+                            out = bytearray()
+                        out += data[copied:pos]
+                        out += self._hold_prefix
+                        self._hold_prefix = b""
+                        self._verify_hold = bytearray(data[pos:])
+                        transport.write(out)
+                        server.requests_sent(start)
+                        return
+                    if replaced is not UNCHANGED:
+                        if out is None:
+                            out = bytearray()
+                        out += data[copied:pos]
+                        out += replaced
+                        copied = end
+                    pos = end
+                    if end > n:  # a Bind too large for one read: the rest streams (or is dropped)
+                        if self._dropping:
+                            self._dropping, self._drop = False, end - n
+                        else:
+                            self._skip = end - n
+                        pos = n
+                        if replaced is not UNCHANGED:
+                            copied = n  # the replacement holds what it needs of this message
+                        break
+                    self._dropping = False
+                    continue
+                # BAD_LENGTH
                 length = _unpack_len(data, pos + 1)[0]
                 self.fatal(codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
                 return
-            if result == STREAM:
-                self._skip = skip
-            break
-        if pos < n:
-            self._partial = data[pos:]  # an incomplete message to read whole
-            self._need = message_need(data, pos)
-        if out is None:
-            if pos:
-                transport.write(data if pos >= n else data[:pos])
-        else:
-            out += data[copied:pos]
-            if out:
-                transport.write(out)
-        if len(pending) != start:
-            if self._strict:
-                server.settings_dirty = True  # read the settings back after every transaction
-            last = pending[-1]
-            if (last == QUERY or last == SYNC) and pending[0] != COPY_END and not (
-                    server.skipping or server.copy_in):
-                server.unsynced = False  # the usual case of state.requests_sent, inline
+            if pos < n:
+                self._partial = data[pos:]  # an incomplete message to read whole
+                self._need = message_need(data, pos)
+            if out is None:
+                if pos:
+                    transport.write(data if pos >= n else data[:pos])
             else:
-                server.requests_sent(start)
-        if not pending and not self._skip:
-            self._message_done(server)
+                out += data[copied:pos]
+                if out:
+                    transport.write(out)
+            if len(pending) != start:
+                if self._strict:
+                    server.settings_dirty = True  # read the settings back after every transaction
+                # The usual case (a Query or Sync last, no batch open, no COPY) leaves nothing to
+                # note; anything else is state.requests_sent's.
+                if pending[-1] > SYNC or pending[0] == COPY_END or server.unsynced or server.skipping or (
+                        server.copy_in):
+                    server.requests_sent(start)
+            if not pending and not self._skip:
+                self._message_done(server)
+        except (ValueError, IndexError):
+            self.fatal(codes.PROTOCOL_VIOLATION, "malformed message from client")
 
     def _message_done(self, server: ServerConn) -> None:
         """The client finished writing messages that get no reply (the rest of a CopyData after
@@ -653,11 +670,19 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def _special_request(
         self, data: bytes | bytearray, pos: int, end: int, server: ServerConn
-    ) -> bytes | None:
+    ) -> bytes | bytearray | None:
         """A request the scanner left to us: what to send instead (UNCHANGED: itself), or None
         when the client has been closed."""
         kind = data[pos]
         named = self._rewrite
+        if kind == 66:  # Bind to a named statement
+            name_at = data.index(0, pos + 5, end) + 1
+            if data[name_at] == 0:
+                return self._unnamed_guard(data, pos, end, server, BIND)
+            if named:
+                return self._bind(data, pos, name_at, end, server)
+            server.pending.append(BIND)
+            return UNCHANGED
         if kind == 80:  # Parse of a named statement, or one that may change settings
             text_at = data.index(0, pos + 5, end) + 1
             if mentions_settings(data, text_at, end):
@@ -673,14 +698,6 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                        "named prepared statements need prepared_statements = true and "
                        f"prepared_statements_cache_size > 0 in {self.mode} pooling mode")
             return None
-        if kind == 66:  # Bind to a named statement
-            name_at = data.index(0, pos + 5, end) + 1
-            if data[name_at] == 0:
-                return self._unnamed_guard(data, pos, end, server, BIND)
-            if named:
-                return self._bind(data, pos, name_at, end, server)
-            server.pending.append(BIND)
-            return UNCHANGED
         if kind == 68:  # Describe of a named statement
             if data[pos + 6] == 0:
                 return self._unnamed_guard(data, pos, end, server, DESCRIBE)
@@ -748,7 +765,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if self.mode == SESSION:
             return
         server = self.server
-        assert server is not None and self.pool is not None
+        assert server is not None
         if status == _STATUS_IDLE:
             if self._skip or server.unsynced or server.copy_in:
                 return  # not done with it yet: released once it is (see _message_done)
@@ -759,11 +776,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 server.capture(session_settings_sql(self._custom), self._settings_read)
                 return
             self.server = None
-            server.client = None
             if server.session_reset or self._reset_always:
+                server.client = None
                 self._give_back(server)
             else:
-                self.pool.release(server)
+                server.pool.release(server)  # (which unlinks it from this client)
         elif self.mode == STATEMENT:
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
@@ -987,6 +1004,8 @@ MAX_MESSAGE = 0x3FFFFFFF  # PostgreSQL's PQ_LARGE_MESSAGE_LIMIT (1 GB)
 
 
 _NO_REPLY_KINDS = frozenset(b"dcfH")
+# First bytes of a request _need_server looks at: Terminate, _NO_REPLY_KINDS, Parse.
+_LOOK_FIRST = bytes(1 if kind in _NO_REPLY_KINDS or kind in b"XP" else 0 for kind in range(256))
 _RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
 
 

@@ -13,6 +13,7 @@ from pgdoorman.channel import Load
 from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
 from pgdoorman.prepared import Registry
 from pgdoorman.protocol import codes
+from pgdoorman.protocol.state import STATUS_IDLE
 from pgdoorman.server import ServerConn, ServerError
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ class Pool:
         if server.cancels_in_flight:
             server.parked = True  # the cancel's completion calls release() again
             return
-        if not server.idle:
+        if (server.pending or server.status != STATUS_IDLE or server.unsynced or server.copy_in
+                or server.doubt):  # not server.reusable(), inlined: once per transaction
             server.close("released while not idle")
             return
         lifetime = self.cfg.server_lifetime

@@ -38,7 +38,6 @@ from pgdoorman.protocol.scan import (
     PARSE,
     PARSE_NAMED,
     QUERY,
-    SPECIAL,
     STREAM,
     SYNTH_CLOSE,
     SYNTH_DUE,
@@ -279,21 +278,24 @@ class ServerConn(ServerState, asyncio.Protocol):
             data, self._partial = partial, b""
         n = len(data)
         pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            self._emit(data)
-            return
-        self._skip = 0
+        if pos:  # the rest of a DataRow or CopyData streamed through
+            if pos >= n:
+                self._skip = pos - n
+                self._emit(data)
+                return
+            self._skip = 0
         pending = self.pending
         out: bytearray | None = None  # built only when something is hidden or inserted
         copied = 0  # data[:copied] is already in out (or dropped)
         ready = -1
         while True:
-            pos, result, skip, last_z = scan_replies(data, pos, pending)
+            pos, result, skip, last_z = scan_replies(data, pos, pending, self.refs, self.client_names)
             if last_z >= 0:
                 self.status = last_z
                 if not pending:
                     ready = last_z
+            if not result:  # DONE
+                break
             if result == SYNTH_DUE:  # insert the pooler's own replies here
                 if out is None:
                     out = bytearray()
@@ -303,9 +305,8 @@ class ServerConn(ServerState, asyncio.Protocol):
                 if not pending and last_z >= 0:
                     ready = last_z  # only the pooler's own replies (or COPY markers) were left
                 continue
-            if result != SPECIAL:
-                if result == STREAM:
-                    self._skip = skip
+            if result == STREAM:
+                self._skip = skip
                 break
             end = pos + 1 + _unpack_len(data, pos + 1)[0]
             try:
@@ -334,13 +335,18 @@ class ServerConn(ServerState, asyncio.Protocol):
             if not pending and ready < 0:
                 ready = self._synth_z
             self._synth_z = -1
-        if ready >= 0 and ready != _STATUS_IDLE and self.refuse_transactions:
+        if self.refuse_transactions and ready >= 0 and ready != _STATUS_IDLE:
             payload = b""  # statement mode: the client gets only the error, its session ends
         client = self.client
         if payload and client is not None:
             client.transport.write(payload)
         if ready >= 0:
-            self._on_ready(ready)
+            self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
+            if client is not None:
+                client.on_ready(ready)
+            elif self.on_idle is not None:
+                callback, self.on_idle = self.on_idle, None
+                callback(self)
         elif client is not None and (self.copy_in or self.skipping and not pending):
             client.on_stalled(self.copy_in)  # nothing more comes until the client sends Sync or COPY data
 
@@ -675,11 +681,6 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.unnamed_owner = None  # a simple Query drops the unnamed statement
         self.pending.append(HIDDEN_QUERY)
         self.transport.write(m.query(sql))
-
-    @property
-    def idle(self) -> bool:
-        """Safe to lend to anyone (protocol/state.py: reusable)."""
-        return not self.closed and self.reusable()
 
     def close(self, reason: str) -> None:
         if self.closed:

@@ -56,7 +56,7 @@ CACHED_PLAN_ERROR = "cached plan must not change result type"
 _CACHED_PLAN_REPLY = m.message(b"E", b"SERROR\0VERROR\0C0A000\0M" + CACHED_PLAN_ERROR.encode()
                                + b"\0Fplancache.c\0RRevalidateCachedQuery\0\0")
 _CLOSED_KEEP = 16  # names of statements closed while replies were owed (name_of)
-_UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_parse
+UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_parse
 
 
 class StatementMapping:
@@ -129,7 +129,7 @@ class StatementMapping:
     def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
         """data[start:end] holds this client's latest unnamed Parse (or a Query after it). Kept by
         reference while small and immutable; read only if a later Bind needs it (_unnamed_guard)."""
-        if type(data) is bytes and len(data) <= _UNNAMED_KEEP:
+        if type(data) is bytes and len(data) <= UNNAMED_KEEP:
             self._unnamed = (data, start, end)
         else:
             self._unnamed = _last_unnamed_parse(data, start, end)
@@ -225,7 +225,8 @@ class StatementMapping:
                 return HOLD
         return stmt
 
-    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int, server: ServerConn) -> bytes:
+    def _bind(self, data: bytes | bytearray, pos: int, name_at: int, end: int,
+              server: ServerConn) -> bytes | bytearray:
         name_end = data.index(0, name_at, end)
         out = bytearray()
         name = bytes(data[name_at:name_end])
@@ -238,14 +239,14 @@ class StatementMapping:
         server.pending.append(BIND_NAMED)
         server.refs.append(stmt)
         server.client_names.append(name)
-        assert self.pool is not None
-        self.pool.registry.stats.binds += 1
+        server.pool.registry.stats.binds += 1
         # end may lie beyond data (a large Bind, streamed): the length is the whole message's.
-        out += _pack_hdr(b"B", 4 + (name_at - pos - 5) + len(stmt.server_name) + (end - name_end))
+        server_name = stmt.server_name
+        out += _pack_hdr(b"B", name_at - pos - 1 + len(server_name) + end - name_end)
         out += data[pos + 5 : name_at]
-        out += stmt.server_name
+        out += server_name
         out += data[name_end:end]
-        return bytes(out)
+        return out
 
     def _describe(self, data: bytes | bytearray, pos: int, end: int, server: ServerConn) -> bytes | None:
         out = bytearray()

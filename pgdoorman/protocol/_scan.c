@@ -3,7 +3,6 @@
  * Same functions, same results; see scan.py for what they mean. Only the plain, frequent cases
  * are handled here: anything needing the pooler's judgement is returned as SPECIAL.
  */
-#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
@@ -11,10 +10,43 @@
 
 enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
 enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
+#define BIND_NAMED 12
 #define HIDDEN_ROWS 17
 #define SYNTH_PARSE 20
 #define COPY_END 22
 enum { NAMES_PLAIN = 0, NAMES_MAPPED = 1, NAMES_GUARDED = 2 };
+enum { SAW_PARSE = 1, SAW_QUERY = 2 };
+
+/* Whether text holds needle (needle_len >= 1) where it starts with one of the given first
+ * bytes: memchr runs over the text at vector speed, and the rest is compared only there. Faster
+ * than memmem for the short queries of the hot path. */
+static inline int has_at(const unsigned char *text, size_t len, unsigned char first,
+                         const char *rest, size_t rest_len)
+{
+    const unsigned char *p = text, *end = text + len;
+    while (p < end && (p = memchr(p, first, (size_t)(end - p))) != NULL) {
+        if ((size_t)(end - p) <= rest_len)
+            return 0;
+        if (!memcmp(p + 1, rest, rest_len))
+            return 1;
+        p++;
+    }
+    return 0;
+}
+
+/* Like has_at, for "_config", "_CONFIG" or "_Config" (see mentions_settings). */
+static inline int has_config_mark(const unsigned char *text, size_t len)
+{
+    const unsigned char *p = text, *end = text + len;
+    while (p < end && (p = memchr(p, '_', (size_t)(end - p))) != NULL) {
+        if (end - p < 7)
+            return 0;
+        if (!memcmp(p + 1, "config", 6) || !memcmp(p + 1, "CONFIG", 6) || !memcmp(p + 1, "Config", 6))
+            return 1;
+        p++;
+    }
+    return 0;
+}
 
 /* A query text that may change session settings: it starts with SET, or may call set_config()
  * (any case of "_config", or a false positive such as pg_config: the pooler then reads the
@@ -24,8 +56,28 @@ static inline int mentions_settings(const unsigned char *text, size_t len)
     if (len >= 4 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'e' && (text[2] | 0x20) == 't' &&
         (text[3] == ' ' || text[3] == '\t' || text[3] == '\n' || text[3] == '\r'))
         return 1;
-    return memmem(text, len, "_config", 7) || memmem(text, len, "_CONFIG", 7) ||
-           memmem(text, len, "_Config", 7);
+    return has_config_mark(text, len);
+}
+
+/* (a, b, c[, d]) as a tuple of ints, without Py_BuildValue's format parsing */
+static PyObject *int_tuple(Py_ssize_t count, Py_ssize_t a, long b, long c, long d)
+{
+    PyObject *t = PyTuple_New(count);
+    if (t == NULL)
+        return NULL;
+    PyObject *items[4] = {PyLong_FromSsize_t(a), PyLong_FromLong(b), PyLong_FromLong(c),
+                          count > 3 ? PyLong_FromLong(d) : NULL};
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (items[i] == NULL) {
+            for (Py_ssize_t j = 0; j < count; j++)
+                Py_XDECREF(items[j]);
+            Py_DECREF(t);
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
 }
 
 static inline uint32_t be32(const unsigned char *p)
@@ -44,12 +96,15 @@ static int consume(PyObject *pending, Py_ssize_t count)
     return PyByteArray_Resize(pending, len - count);
 }
 
+static PyObject *popleft_name; /* "popleft", interned at import */
+
 static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyByteArray_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "scan_replies(data, pos, pending: bytearray)");
+    if ((nargs != 3 && nargs != 5) || !PyByteArray_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "scan_replies(data, pos, pending: bytearray[, refs, names])");
         return NULL;
     }
+    PyObject *refs = nargs == 5 ? args[3] : NULL, *names = nargs == 5 ? args[4] : NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -86,6 +141,25 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
                 break;
             }
             pos = end;
+            continue;
+        }
+        if (kind == '2' && refs != NULL && head < npending && kinds[head] == BIND_NAMED) {
+            /* BindComplete of a rewritten client Bind: its statement and client name are done */
+            PyObject *ref = PyObject_CallMethodNoArgs(refs, popleft_name);
+            PyObject *name = ref ? PyObject_CallMethodNoArgs(names, popleft_name) : NULL;
+            Py_XDECREF(ref);
+            if (name == NULL) {
+                PyBuffer_Release(&view);
+                consume(pending, head); /* keep pending in step with what was popped */
+                return NULL;
+            }
+            Py_DECREF(name);
+            pos = end;
+            head++;
+            if (head < npending && kinds[head] >= SYNTH_PARSE) {
+                result = SYNTH_DUE;
+                break;
+            }
             continue;
         }
         if (head >= npending || kind == 'S' || kind == 'E' || kind == 'G' || kinds[head] > CLOSE ||
@@ -136,7 +210,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyBuffer_Release(&view);
     if (consume(pending, head) < 0)
         return NULL;
-    return Py_BuildValue("(nili)", pos, result, skip, (int)last_z);
+    return int_tuple(4, pos, result, skip, last_z);
 }
 
 static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -163,6 +237,7 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t nadded = 0;
     long skip = 0;
     int result = DONE;
+    long seen = 0; /* SAW_PARSE, SAW_QUERY: see scan.py */
 
     while (pos + 5 <= n) {
         if (nadded == (Py_ssize_t)sizeof(added)) {
@@ -235,6 +310,8 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                     break;
                 if (owed) /* owed a reply from its first byte */
                     added[nadded++] = owed;
+                if (owed == QUERY)
+                    seen |= SAW_QUERY;
                 skip = (long)(end - n);
                 pos = n;
                 result = STREAM;
@@ -249,7 +326,7 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                 ((data[pos + 5] && strchr("DdPp", data[pos + 5]) &&
                   ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
                    !strncasecmp((const char *)data + pos + 5, "prepare", 7))) ||
-                 memmem(data + pos + 5, (size_t)(length - 4), "\"PGDOORMAN_", 11) ||
+                 has_at(data + pos + 5, (size_t)(length - 4), '"', "PGDOORMAN_", 10) ||
                  mentions_settings(data + pos + 5, (size_t)(length - 4))))
                 result = SPECIAL;
             add = QUERY;
@@ -299,8 +376,13 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         if (result == SPECIAL)
             break;
-        if (add)
+        if (add) {
             added[nadded++] = add;
+            if (add == PARSE)
+                seen = SAW_PARSE;
+            else if (add == QUERY)
+                seen |= SAW_QUERY;
+        }
         pos = end;
     }
     PyBuffer_Release(&view);
@@ -310,18 +392,24 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             return NULL;
         memcpy(PyByteArray_AS_STRING(pending) + len, added, (size_t)nadded);
     }
-    return Py_BuildValue("(nil)", pos, result, skip);
+    return int_tuple(4, pos, result, skip, check_names ? seen : 0);
 }
 
 static PyMethodDef methods[] = {
     {"scan_replies", (PyCFunction)(void (*)(void))scan_replies, METH_FASTCALL,
-     "Walk server messages, consuming pending: (pos, result, skip, last_z)."},
+     "Walk server messages, consuming pending (and refs, names): (pos, result, skip, last_z)."},
     {"scan_requests", (PyCFunction)(void (*)(void))scan_requests, METH_FASTCALL,
-     "Walk client messages, appending to pending: (pos, result, skip)."},
+     "Walk client messages, appending to pending: (pos, result, skip, seen)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pgdoorman.protocol._scan",
                                     "Compiled frame scanners (see scan.py).", -1, methods};
 
-PyMODINIT_FUNC PyInit__scan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__scan(void)
+{
+    popleft_name = PyUnicode_InternFromString("popleft");
+    if (popleft_name == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

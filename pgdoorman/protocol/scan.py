@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections import deque
+from typing import Any
 
 # Request kinds in `pending`. Up to CLOSE the scanners handle them; the rest are the pooler's.
 QUERY = 1  # simple Query or FunctionCall: everything up to ReadyForQuery
@@ -43,6 +45,10 @@ NAMES_MAPPED = 1  # named statements are the pooler's to map
 NAMES_GUARDED = 2  # ... and the unnamed statement on this server may be another client's: stop
 # at a Bind/Describe of it until this client's own unnamed Parse (the caller sees the PARSE)
 
+# scan_requests' `seen` bits
+SAW_PARSE = 1  # an unnamed Parse was counted (the server's unnamed statement is the client's)...
+SAW_QUERY = 2  # ... and a simple Query after the last one (which drops it), or a Query alone
+
 # Scanner results
 DONE = 0  # every complete message consumed; data[pos:] is an incomplete message to hold back
 STREAM = 1  # the last message is an incomplete DataRow/CopyData: `skip` more bytes belong to it
@@ -72,9 +78,13 @@ def mentions_settings(data: bytes | bytearray, start: int, end: int) -> bool:
 _SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0"))
 
 
-def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tuple[int, int, int, int]:
+def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs: deque[Any] | None = None,
+                    names: deque[bytes] | None = None) -> tuple[int, int, int, int]:
     """Walk server messages from pos, consuming pending. Returns (pos, result, skip, last_z) where
-    last_z is the status byte of the last ReadyForQuery consumed, or -1."""
+    last_z is the status byte of the last ReadyForQuery consumed, or -1.
+
+    With refs and names (ServerState's deques of what each request with a statement carries), a
+    BindComplete of a BIND_NAMED, the pooler's rewritten Bind, is consumed here too."""
     n = len(data)
     last_z = -1
     while pos + 5 <= n:
@@ -88,6 +98,15 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
             if pending and pending[0] == HIDDEN_ROWS:
                 return pos, SPECIAL, 0, last_z  # the pooler reads its own query's rows
             pos = end
+            continue
+        if kind == 50 and refs is not None and pending and pending[0] == BIND_NAMED:
+            refs.popleft()  # BindComplete of a rewritten client Bind: its statement is done with
+            assert names is not None
+            names.popleft()
+            del pending[0]
+            pos = end
+            if pending and pending[0] >= SYNTH_PARSE:
+                return pos, SYNTH_DUE, 0, last_z
             continue
         if not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE:
             return pos, SPECIAL, 0, last_z  # ParameterStatus, errors, CopyInResponse, pooler's own
@@ -119,11 +138,25 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray) -> tu
 
 
 def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: int,
-                     max_len: int) -> tuple[int, int, int]:
-    """Walk client messages from pos, appending to pending. Returns (pos, result, skip).
+                     max_len: int) -> tuple[int, int, int, int]:
+    """Walk client messages from pos, appending to pending. Returns (pos, result, skip, seen).
 
     check_names: NAMES_PLAIN, NAMES_MAPPED or NAMES_GUARDED. A request is owed a reply from its
-    header on: an incomplete Query/FunctionCall/Execute/Sync is counted before it is streamed."""
+    header on: an incomplete Query/FunctionCall/Execute/Sync is counted before it is streamed.
+    seen (0 with NAMES_PLAIN) tells the relay what became of the unnamed statement: SAW_PARSE if
+    an unnamed Parse was counted, plus SAW_QUERY if a Query was counted after the last of them."""
+    start = len(pending)
+    pos, result, skip = _scan_requests(data, pos, pending, check_names, max_len)
+    if not check_names or len(pending) == start:
+        return pos, result, skip, 0
+    parse_at = pending.rfind(PARSE, start)
+    if parse_at >= 0:
+        return pos, result, skip, SAW_PARSE | (SAW_QUERY if pending.find(QUERY, parse_at) >= 0 else 0)
+    return pos, result, skip, SAW_QUERY if pending.find(QUERY, start) >= 0 else 0
+
+
+def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: int,
+                   max_len: int) -> tuple[int, int, int]:
     n = len(data)
     while pos + 5 <= n:
         kind = data[pos]
