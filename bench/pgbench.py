@@ -22,6 +22,7 @@ class PgbenchSpec:
     clients: int
     duration: int  # seconds (pgbench -T takes whole seconds)
     connect_each: bool = False  # -C: a new connection per transaction
+    options: str = ""  # PGOPTIONS: settings every connection asks for at startup
 
 
 @dataclass
@@ -51,8 +52,9 @@ def run(spec: PgbenchSpec) -> PgbenchOutput:
     prefix = os.path.join(logdir, "pgbench_log")
     try:
         try:
+            env = {**os.environ, "PGOPTIONS": spec.options} if spec.options else None
             proc = subprocess.run(command(spec, prefix), capture_output=True, text=True, cwd=logdir,
-                                  timeout=spec.duration * 3 + 120)
+                                  timeout=spec.duration * 3 + 120, env=env)
         except subprocess.TimeoutExpired as e:
             return PgbenchOutput(-1, 0.0, 0, 0, [], f"pgbench did not finish in {e.timeout:.0f} s")
         latencies = read_latencies(glob.glob(prefix + ".*"))

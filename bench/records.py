@@ -14,7 +14,7 @@ MODES = ("simple", "extended", "prepared")
 class RunRecord:
     """One pgbench run against one target."""
 
-    case: str  # "select" (pgbench -S) or "churn" (pgbench -C -S)
+    case: str  # "select" (pgbench -S), "settings" (-S with PGOPTIONS) or "churn" (pgbench -C -S)
     mode: str
     clients: int
     target: str

@@ -66,8 +66,18 @@ def markdown(meta: dict[str, Any], summaries: list[Summary], idle: list[IdleReco
     ]
     select = [s for s in summaries if s.case == "select"]
     churn = [s for s in summaries if s.case == "churn"]
+    with_settings = [s for s in summaries if s.case == "settings"]
     if select:
         lines += ["## pgbench -S (select only)", "", *_table(select), ""]
+    if with_settings:
+        plain = {(s.clients, s.target): s.tps for s in select if s.mode == "simple"}
+        lines += ["## Settings at connect (pgbench -S, simple; PGOPTIONS sets search_path and a custom "
+                  "setting)", "", *_table(with_settings), ""]
+        for s in with_settings:
+            base = plain.get((s.clients, s.target))
+            if base:
+                lines.append(f"- {s.target} c={s.clients}: {s.tps / base:.2f}× the TPS without the settings")
+        lines.append("")
     if churn:
         clients = churn[0].clients
         lines += [f"## Connection churn (pgbench -C -S, {clients} clients, simple)", "", *_table(churn), ""]

@@ -28,6 +28,8 @@ from pgdoorman.devcluster import free_port
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 POOL_SIZE = 20
+# The settings case (--settings-case): what Django and Rails set on each connection, as options.
+SETTINGS_AT_CONNECT = "-c search_path=public,pg_catalog -c myapp.tenant=42"
 
 
 def _int_list(text: str) -> list[int]:
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (-T, 10)")
     p.add_argument("--clients", type=_int_list, default=[1, 32, 500], help="client counts (1,32,500)")
     p.add_argument("--modes", type=_str_list, default=list(MODES), help="pgbench -M modes")
+    p.add_argument("--settings-case", action="store_true",
+                   help="also run -S (simple) with every client setting search_path and a custom "
+                        "setting at connect (PGOPTIONS), as Django and Rails do")
     p.add_argument("--targets", type=_str_list, default=None,
                    help=",".join(TARGETS) + " (default: all but the -base ones unless --baseline)")
     p.add_argument("--churn-clients", type=int, default=32, help="clients of the -C case (0: skip)")
@@ -83,9 +88,9 @@ class Bench:
     bindir: str = ""
 
     def spec(self, target: Target, mode: str, clients: int, duration: int,
-             connect_each: bool = False) -> PgbenchSpec:
+             connect_each: bool = False, options: str = "") -> PgbenchSpec:
         return PgbenchSpec(self.bindir, target.host, target.port, USER, DATABASE, mode, clients,
-                           duration, connect_each)
+                           duration, connect_each, options)
 
     def measure(self, target: Target, case: str, mode: str, clients: int, round_no: int) -> None:
         why = target.died()
@@ -94,7 +99,8 @@ class Bench:
                               f"c={clients}); restarted")
             log(f"{target.name} {why}; restarting")
             target.restart()
-        spec = self.spec(target, mode, clients, self.args.duration, connect_each=case == "churn")
+        spec = self.spec(target, mode, clients, self.args.duration, connect_each=case == "churn",
+                         options=SETTINGS_AT_CONNECT if case == "settings" else "")
         r = cases.pgbench_run(target, spec, case, round_no)
         self.runs.append(r)
         cpu = "" if r.cpu_s_per_1k_tx is None else f" cpu {r.cpu_s_per_1k_tx * 1000:.1f} µs/tx"
@@ -126,6 +132,12 @@ class Bench:
                         if mode == "prepared" and not t.supports_prepared:
                             continue
                         self.measure(t, "select", mode, clients, round_no)
+            if a.settings_case:
+                for clients in a.clients:
+                    for t in self.targets:
+                        # PgBouncer refuses startup `options`; a --baseline may predate them
+                        if t.name != "pgbouncer" and "-base" not in t.name:
+                            self.measure(t, "settings", "simple", clients, round_no)
             if a.churn_clients > 0:
                 for t in self.targets:
                     self.measure(t, "churn", "simple", a.churn_clients, round_no)

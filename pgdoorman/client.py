@@ -21,6 +21,7 @@ from pgdoorman.auth import (
     parse_secret,
     plain_salt,
 )
+from pgdoorman.frontend.pins import HELD_SQL, PIN, held_state, refusal
 from pgdoorman.frontend.settings import (
     MAX_CUSTOM_NAMES,
     Probe,
@@ -57,7 +58,7 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNC,
     SYNTH_CLOSE,
-    mentions_settings,
+    mentions_session_state,
     message_need,
     scan_requests,
 )
@@ -89,8 +90,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     __slots__ = (
         "_asked", "_auth_kind", "_buf", "_drop", "_held", "_max_message", "_moved", "_need", "_partial",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
-        "_custom", "_initial", "_names", "_startup", "_statement_mode", "_stmt_cap", "_strict",
-        "_terminating", "_timer", "activity",
+        "_custom", "_initial", "_names", "_pin_policy", "_pinned", "_startup", "_statement_mode",
+        "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "seen_activity", "server", "settings", "state", "tracked", "transport", "wait_since", "waiting",
@@ -109,6 +110,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.pool: Pool | None = None
         self.mode = TRANSACTION
         self._statement_mode = False
+        self._pinned = ""  # what its session holds that keeps it on its server (frontend/pins.py)
+        self._pin_policy = PIN
         self._names = NAMES_PLAIN  # how scan_requests treats statement names (see _join)
         self.server: ServerConn | None = None
         self.waiting = False
@@ -330,6 +333,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._names = NAMES_PLAIN if pool.mode == SESSION else NAMES_MAPPED
         self._rewrite = pool.mode != SESSION and pool.prepared_enabled
         self._strict = pool.mode != SESSION and pool.cfg.strict
+        self._pin_policy = pool.cfg.pin_policy
         self._stmt_cap = self.app.config.general.client_prepared_statements_cache_size
 
     def _mock_auth(self, users: Iterable[UserConfig]) -> None:
@@ -507,6 +511,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self.transport.resume_reading()
         if held:
             self._forward(held, server)
+        if self._terminating and self.server is server:
+            self._terminate(server)  # its EOF came while it waited (eof_received): end as directly
 
     def _assign_at_login(self, server: ServerConn) -> bool:
         """assign() before the client is logged in (or after it closed): whether to lend it."""
@@ -685,7 +691,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return UNCHANGED
         if kind == 80:  # Parse of a named statement, or one that may change settings
             text_at = data.index(0, pos + 5, end) + 1
-            if mentions_settings(data, text_at, end):
+            if mentions_session_state(data, text_at, end):
                 self.note_settings(server, data[text_at:end])
             if data[pos + 5] == 0:
                 server.pending.append(PARSE)
@@ -773,7 +779,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 # Its session settings may have changed: read them back first; they follow
                 # the client to whichever server it is lent next (on_ready comes again).
                 server.settings_dirty = False
-                server.capture(session_settings_sql(self._custom), self._settings_read)
+                server.capture(session_settings_sql(self._custom) + HELD_SQL, self._settings_read)
+                return
+            if self._pinned:  # state that cannot move: it keeps this server (frontend/pins.py)
+                server.settings_dirty = True  # and looks again after its next transaction
                 return
             self.server = None
             if server.session_reset or self._reset_always:
@@ -806,6 +815,30 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                      ", ".join(f"{name}={value}" for name, value in settings) or "defaults")
         self.settings = server.settings = settings
         server.settings_unknown = True  # a setting no query shows may be left: reset first next time
+        self._held_state(held_state(rows, server.loaded), server)
+
+    def _held_state(self, held: str, server: ServerConn) -> None:
+        """What the session holds that cannot move (frontend/pins.py): pin, unpin or refuse."""
+        pool = server.pool
+        if held:
+            server.session_reset = "DISCARD ALL"  # before anyone else gets this server
+            refused = refusal(held, self.mode, self._pin_policy)
+            if refused is not None:
+                log.warning("%s: refused: its session holds %s", self.id, held)
+                # Now, before anything else of this client runs: its close gives the server back,
+                # reset (or closed, with requests of the client in flight).
+                self.fatal(*refused)
+                return
+            if not self._pinned:
+                pool.pinned += 1
+                log.info("%s: pinned to %s: its session holds %s", self.id, server.id, held)
+            elif held != self._pinned:
+                log.info("%s: still pinned to %s: its session holds %s", self.id, server.id, held)
+        elif self._pinned:
+            pool.pinned -= 1
+            log.info("%s: unpinned from %s: its session holds nothing that cannot move",
+                     self.id, server.id)
+        self._pinned = held
 
     def on_stalled(self, copy_in: bool) -> None:
         """The server waits for this client: it skips input until Sync after an error (every
@@ -868,6 +901,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.app.client_disconnected(self)
         if self.pool is not None:
             self.pool.clients -= 1
+            if self._pinned:
+                self.pool.pinned -= 1
             self.pool.cancel_wait(self)
             self._return_server()
         if was_active and not self.app.config.general.log_client_disconnections:
@@ -904,6 +939,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         it: an open transaction, its settings (transaction mode), everything (session mode)."""
         pool = self.pool
         assert pool is not None
+        if server.loaded:  # no reset unloads a library (LOAD): this backend is not lent again
+            server.close("a client loaded a library into it (LOAD)")
+            return
         queries = []
         if server.status != _STATUS_IDLE:
             queries.append("ROLLBACK")

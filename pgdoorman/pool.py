@@ -66,6 +66,7 @@ class Pool:
         self.waiters: deque[Waiter] = deque()
         self.servers: set[ServerConn] = set()
         self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
+        self.pinned = 0  # of them, clients pinned to their server (frontend/pins.py; cl_pinned)
         self.served = 0  # clients that waited and then got a server, since load() last ran
         self.waited = 0.0  # their total wait, seconds
         self.connecting = 0

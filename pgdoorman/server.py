@@ -41,7 +41,7 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNTH_CLOSE,
     SYNTH_DUE,
-    SYNTH_PARSE,
+    SYNTH_FIRST,
     SYNTH_QUERY,
     message_need,
     scan_replies,
@@ -55,7 +55,7 @@ log = logging.getLogger("pgdoorman.server")
 _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
 
-SYNTH_REPLY = {SYNTH_PARSE: m.parse_complete(), SYNTH_CLOSE: m.close_complete()}
+SYNTH_REPLY = {SYNTH_CLOSE: m.close_complete()}
 
 _Z, _E, _S = 90, 69, 83
 _STATUS_IDLE = 73  # 'I'
@@ -126,7 +126,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "_synth_z", "backend_key",
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
-        "on_idle", "params", "parked", "pool", "ready", "refuse_transactions", "said_fatal",
+        "loaded", "on_idle", "params", "parked", "pool", "ready", "refuse_transactions", "said_fatal",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done",
@@ -150,6 +150,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.refuse_transactions = False  # lent in statement mode
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
+        self.loaded = False  # a client ran LOAD here (frontend/pins.py)
         # A reply showed the lent client may have changed its session settings (SET, RESET,
         # DISCARD, DO): the client reads them back before the server is given back.
         self.settings_dirty = False
@@ -447,7 +448,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         """The replies the pooler owes itself, now due (they are the oldest owed)."""
         pending = self.pending
         extra = b""
-        while pending and pending[0] >= SYNTH_PARSE:
+        while pending and pending[0] >= SYNTH_FIRST:
             kind = pending[0]
             del pending[0]
             if kind == SYNTH_QUERY:
@@ -543,8 +544,11 @@ class ServerConn(ServerState, asyncio.Protocol):
             # SET/RESET of any kind (SET LOCAL too: cheap to check), or a DO block that may
             # have run one: PostgreSQL tells the client's settings after the transaction.
             self.settings_dirty = True
-        elif tag in (b"LISTEN", b"PREPARE"):
-            self.session_reset = "DISCARD ALL"
+        elif tag in (b"LISTEN", b"PREPARE", b"DECLARE CURSOR"):
+            self.settings_dirty = True  # state that pins the client while it lasts (frontend/pins.py)
+        elif tag == b"LOAD":
+            self.loaded = True  # a library loaded stays in this backend: never lent to another client
+            self.settings_dirty = True
 
     def _error(self, head: int, body: bytes) -> bool:
         """An ErrorResponse: in extended protocol the server now skips everything until Sync."""

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from pgdoorman.devcluster import Cluster, free_port
+from pgdoorman.protocol import messages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -366,18 +367,8 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
 
 
 def data_row_values(body: bytes) -> list[str | None]:
-    """The columns of a DataRow body, as text (None for NULL)."""
-    (n,) = struct.unpack("!H", body[:2])
-    pos, row = 2, []
-    for _ in range(n):
-        (ln,) = struct.unpack("!i", body[pos:pos + 4])
-        pos += 4
-        if ln < 0:
-            row.append(None)
-        else:
-            row.append(body[pos:pos + ln].decode())
-            pos += ln
-    return row
+    """The columns of a DataRow body, as text (None for NULL); bad UTF-8 fails the test."""
+    return messages.data_row_values(body, errors="strict")
 
 
 class ProtocolEOF(Exception):

@@ -22,7 +22,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     if not glob.glob("/usr/lib/postgresql/*/bin/pgbench") and not os.environ.get("PGBIN"):
         pytest.skip("PostgreSQL server binaries and pgbench are not installed")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", "--settings-case", "--results-dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
@@ -33,6 +33,9 @@ def test_bench_quick(tmp_path: Path) -> None:
         rows = [s for s in select if s["target"] == target]
         assert rows, f"no pgbench result for {target}"
         assert all(s["tps"] > 0 for s in rows), f"{target}: {rows}"
+    with_settings = {s["target"] for s in doc["summary"] if s["case"] == "settings" and s["tps"] > 0}
+    assert with_settings == {"direct", "pgdoorman", "pgdoorman-1w"}, with_settings  # no PgBouncer
+    assert "the TPS without the settings" in (tmp_path / "latest.md").read_text()
     assert (tmp_path / "latest.md").exists()
     assert {r["target"] for r in doc["idle"]} == {"pgbouncer", "pgdoorman", "pgdoorman-1w"}
 

@@ -162,12 +162,18 @@ def test_what_became_of_the_unnamed_statement(kinds, seen):
     (b"SELECT a_b, c_configx_ FROM t_Config", True),
     (b"SELECT a_b, c_confi", False),
     (b"SELECT x FROM t WHERE y = '_CONFIG'", True),
-    (b"SELECT x_cOnfig", False),
+    (b"SELECT x_cOnfig", True),
+    (b"SELECT pg_try_ADVISORY_lock(1)", True),
+    (b"SELECT advisory", False),
+    (b"CREATE TEMPORARY TABLE t (a int)", True),
+    (b"SELECT * INTO Temp t FROM x", True),
+    (b"SELECT tem", False),
     (b"set\tsearch_path = x", True),
     (b"settle", False),
 ])
 def test_query_texts_the_pooler_reads(sql, special):
-    """The compiled scanner's memchr-based search finds what the Python twin's find() finds."""
+    """The compiled scanner's memchr-based search finds what the Python twin finds: the pooler's
+    server-side names, and what may change session state (settings, advisory locks, temp tables)."""
     query = _message(ord("Q"), sql + b"\0")
     for scan_requests in _BOTH_REQUEST_SCANNERS:
         result = scan_requests(query, 0, bytearray(), scan.NAMES_MAPPED, 1 << 30)

@@ -97,6 +97,25 @@ def test_set_role_follows_its_client(one_server, pg):
         assert a.execute("SELECT current_user").fetchone() == ("trust_user",)
 
 
+@pytest.mark.parametrize(("name", "value", "show"), [
+    ("role", "pgd_reader", "SELECT current_user"),
+    ("search_path", "pg_catalog", "SHOW search_path"),
+    ("default_transaction_read_only", "on", "SHOW default_transaction_read_only"),
+])
+def test_set_config_of_identity_and_safety_settings(one_server, pg, name, value, show):
+    """set_config('role' | 'search_path' | 'default_transaction_read_only', ..., false): its client
+    keeps it, the next client of that server never sees it."""
+    pg.psql("DO $$ BEGIN CREATE ROLE pgd_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN END $$;"
+            "GRANT pgd_reader TO trust_user", db="testdb")
+    p = one_server()
+    with pconnect(p, autocommit=True) as a, pconnect(p, autocommit=True) as b:
+        before = b.execute(show).fetchone()[0]
+        a.execute("SELECT set_config(%s, %s, false)", (name, value))
+        assert b.execute(show).fetchone()[0] == before
+        assert a.execute(show).fetchone()[0] == value
+        assert b.execute(show).fetchone()[0] == before
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_set_config_in_a_select(one_server, strict):
     """set_config(..., false) shows in no reply: the request's text names it (simple Query, or a
@@ -136,3 +155,47 @@ def test_clients_alternating_on_one_server(one_server):
         for _ in range(5):
             assert _custom(a, "myapp.who") == "a"
             assert _custom(b, "myapp.who") == "b"
+
+
+# What frameworks send right after connecting (their adapters' connect hooks), then ordinary work.
+CONNECT_SEQUENCES = {
+    # Rails' PostgreSQLAdapter#configure_connection
+    "rails": ["SET client_min_messages TO 'warning'", "SET standard_conforming_strings = on",
+              "SET intervalstyle = iso_8601", "SET SESSION timezone TO 'UTC'",
+              "SET search_path TO public, pg_catalog"],
+    # Django's postgresql backend: time zone (when USE_TZ), then the role/schema options many
+    # deployments add
+    "django": ["SET TIME ZONE 'UTC'", "SELECT set_config('search_path', 'public, pg_catalog', false)"],
+}
+EXPECTED_AFTER = {
+    "rails": {"client_min_messages": "warning", "IntervalStyle": "iso_8601", "TimeZone": "UTC",
+              "search_path": "public, pg_catalog"},
+    "django": {"TimeZone": "UTC", "search_path": "public, pg_catalog"},
+}
+
+
+@pytest.mark.parametrize("framework", sorted(CONNECT_SEQUENCES))
+def test_framework_connect_sequences_last_and_stay_their_own(one_server, framework):
+    p = one_server()
+    with pconnect(p, autocommit=True) as other:
+        defaults = {name: _show(other, name) for name in EXPECTED_AFTER[framework]}
+        with pconnect(p, autocommit=True) as app:
+            for sql in CONNECT_SEQUENCES[framework]:
+                app.execute(sql)
+            for _ in range(3):  # the other client takes the one server between the app's transactions
+                assert {name: _show(other, name) for name in defaults} == defaults
+                assert {name: _show(app, name) for name in defaults} == EXPECTED_AFTER[framework]
+                with app.transaction():
+                    app.execute("SELECT 1")
+
+
+def test_jdbc_style_startup_options_last_and_stay_their_own(one_server):
+    """pgJDBC's `options` connection property (and libpq's PGOPTIONS): startup settings."""
+    p = one_server()
+    with pconnect(p, autocommit=True) as other, \
+            pconnect(p, autocommit=True, options="-c search_path=pg_catalog -c statement_timeout=5s") as app:
+        for _ in range(3):
+            assert _show(other, "search_path") == DEFAULT_PATH
+            assert _show(app, "search_path") == "pg_catalog"
+            assert _show(app, "statement_timeout") == "5s"
+            assert _show(other, "statement_timeout") == "0"

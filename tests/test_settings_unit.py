@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pgdoorman.frontend import settings as st
+from pgdoorman.frontend.pins import HELD_ROW, held_state, refusal
 
 
 @pytest.mark.parametrize(("text", "words"), [
@@ -90,3 +91,17 @@ def test_login_cache_is_lru_and_local_application_name_needs_no_probe():
     assert len(pool.welcomes) == st.WELCOME_CACHE
     assert (("application_name", "mine"),) in pool.welcomes
     assert (("n", "0"),) not in pool.welcomes
+
+
+def test_the_held_row_is_no_setting_and_says_what_pins():
+    rows = [["work_mem", "7MB"], [HELD_ROW, "temporary table, LISTEN"]]
+    assert st.session_settings(rows, "alice") == (("work_mem", "7MB"),)
+    assert held_state(rows, loaded=False) == "temporary table, LISTEN"
+    assert held_state(rows, loaded=True) == "temporary table, LISTEN, LOAD"
+    assert held_state([[HELD_ROW, ""]], loaded=False) == ""
+    assert held_state([[HELD_ROW, ""]], loaded=True) == "LOAD"
+    assert refusal("", "statement", "refuse") is None
+    assert refusal("LISTEN", "transaction", "pin") is None
+    assert refusal("LISTEN", "transaction", "refuse") == (
+        "0A000", 'LISTEN not supported in transaction pooling mode (pin_policy = "refuse")')
+    assert refusal("LISTEN", "statement", "pin")[0] == "0A000"

@@ -15,6 +15,7 @@ from .durations import parse_duration
 from .locate import LineIndex, Path
 from .schema import (
     LOG_LEVELS,
+    PIN_POLICIES,
     POOL_MODES,
     Config,
     ConfigError,
@@ -203,6 +204,7 @@ def _pool(pools: _Table, name: str, g: GeneralConfig) -> PoolConfig:
             "prepared_statements_cache_size", g.prepared_statements_cache_size),
         server_reset_query=p.string("server_reset_query", g.server_reset_query),
         strict=p.boolean("strict", g.strict),
+        pin_policy=p.enum("pin_policy", g.pin_policy, PIN_POLICIES),
     )
     # Users come after the pool's own keys so errors surface in file order.
     users_table = p.table("users", None)  # entry names are free-form ("0", "1", ...)
@@ -232,6 +234,7 @@ def _general(root: _Table) -> GeneralConfig:
         server_reset_query=g.string("server_reset_query", d.server_reset_query),
         server_reset_query_always=g.boolean("server_reset_query_always", d.server_reset_query_always),
         strict=g.boolean("strict", d.strict),
+        pin_policy=g.enum("pin_policy", d.pin_policy, PIN_POLICIES),
         server_check_delay=g.duration("server_check_delay", d.server_check_delay),
         application_name=g.string("application_name", d.application_name),
         admin_username=g.string("admin_username", d.admin_username),

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 POOL_MODES = ("session", "transaction", "statement")
+# What to do with a client whose session holds state that cannot move (frontend/pins.py).
+PIN_POLICIES = ("pin", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -62,6 +64,7 @@ class PoolConfig:
     # Read the server's session settings after every transaction, not only after those whose
     # replies show a change (SET, RESET, DISCARD, DO): for set_config() inside functions.
     strict: bool = False
+    pin_policy: str = "pin"
     users: dict[str, UserConfig] = field(default_factory=dict)  # keyed by username
 
 
@@ -82,6 +85,7 @@ class GeneralConfig:
     server_reset_query: str = "DISCARD ALL"
     server_reset_query_always: bool = False
     strict: bool = False  # the default of each pool's `strict`
+    pin_policy: str = "pin"  # the default of each pool's `pin_policy`
     server_check_delay: float = 30.0
     application_name: str = "pgdoorman"
     admin_username: str = "admin"

@@ -434,7 +434,8 @@ def session_settings(rows: Sequence[Sequence[str | None]], login_user: str,
     merged = dict(initial)  # a value read back replaces the startup one, in the startup's order
     seen: set[str] = set()
     for name, value in rows:
-        if name is None or value is None or name.lower() in _TRACKED_LOWER or name in seen:
+        if name is None or value is None or name.lower() in _TRACKED_LOWER or name in seen or " " in name:
+            # (a name with a space is no setting: the read-back's other rows, frontend/pins.py)
             continue
         seen.add(name)
         if value == "" and "." in name:  # a custom setting never set (or RESET): nothing to replay

@@ -30,9 +30,8 @@ from pgdoorman.protocol.scan import (
     HIDDEN_QUERY,
     QUERY,
     SYNC,
-    SYNTH_PARSE,
     SYNTH_QUERY,
-    mentions_settings,
+    mentions_session_state,
 )
 from pgdoorman.server import SYNTH_REPLY, UNNAMED_REPARSE, ServerConn
 
@@ -51,6 +50,7 @@ RAISED = b"<raised>"  # sentinel: the request was replaced by an error raised on
 _CLOSE_UNNAMED = m.message(b"C", b"S\0")
 _DEALLOCATE_DONE = m.message(b"C", b"DEALLOCATE\0")
 _SYNC = m.message(b"S")
+_PARSE_COMPLETE = m.parse_complete()
 CACHED_PLAN_ERROR = "cached plan must not change result type"
 # As PostgreSQL words it, routine included: drivers (asyncpg) recognise it by that and re-prepare.
 _CACHED_PLAN_REPLY = m.message(b"E", b"SERROR\0VERROR\0C0A000\0M" + CACHED_PLAN_ERROR.encode()
@@ -189,7 +189,7 @@ class StatementMapping:
                 # fail: PostgreSQL parses it (under a throw-away name), its reply is the client's.
                 server.parse_in_place(bytes(data[name_end + 1 : end]), out, name)
             else:
-                self.transport.write(SYNTH_REPLY[SYNTH_PARSE])
+                self.transport.write(_PARSE_COMPLETE)  # PostgreSQL would surely accept it
         else:
             server.prepare_statement(stmt, out, client_name=name)
         self._remember(name, stmt)
@@ -275,7 +275,7 @@ class StatementMapping:
         client's protocol-level names are the pooler's to deallocate, and the pooler's own
         server-side names are no client's."""
         server.pending.append(QUERY)
-        if mentions_settings(data, pos + 5, end):
+        if mentions_session_state(data, pos + 5, end):
             self.note_settings(server, data[pos + 5 : end - 1])  # read back after the transaction
         server.unnamed_owner = None  # any simple Query drops the unnamed statement
         self._unnamed_saved, self._unnamed = self._unnamed, None

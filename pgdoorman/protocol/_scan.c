@@ -12,7 +12,7 @@ enum { QUERY = 1, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE };
 enum { DONE = 0, STREAM = 1, SPECIAL = 2, BAD_LENGTH = 3, SYNTH_DUE = 4 };
 #define BIND_NAMED 12
 #define HIDDEN_ROWS 17
-#define SYNTH_PARSE 20
+#define SYNTH_FIRST 20
 #define COPY_END 22
 enum { NAMES_PLAIN = 0, NAMES_MAPPED = 1, NAMES_GUARDED = 2 };
 enum { SAW_PARSE = 1, SAW_QUERY = 2 };
@@ -34,29 +34,36 @@ static inline int has_at(const unsigned char *text, size_t len, unsigned char fi
     return 0;
 }
 
-/* Like has_at, for "_config", "_CONFIG" or "_Config" (see mentions_settings). */
-static inline int has_config_mark(const unsigned char *text, size_t len)
+/* Whether text holds first + rest in any case (ASCII), where first is a lowercase letter or '_' */
+static inline int has_nocase(const unsigned char *text, size_t len, unsigned char first,
+                             const char *rest, size_t rest_len)
 {
-    const unsigned char *p = text, *end = text + len;
-    while (p < end && (p = memchr(p, '_', (size_t)(end - p))) != NULL) {
-        if (end - p < 7)
-            return 0;
-        if (!memcmp(p + 1, "config", 6) || !memcmp(p + 1, "CONFIG", 6) || !memcmp(p + 1, "Config", 6))
-            return 1;
-        p++;
+    const unsigned char *end = text + len;
+    unsigned char upper = first >= 'a' && first <= 'z' ? (unsigned char)(first - 32) : first;
+    for (int pass = 0; pass < (upper != first ? 2 : 1); pass++) {
+        unsigned char c = pass ? upper : first;
+        const unsigned char *p = text;
+        while (p < end && (p = memchr(p, c, (size_t)(end - p))) != NULL) {
+            if ((size_t)(end - p) <= rest_len)
+                break;
+            if (!strncasecmp((const char *)p + 1, rest, rest_len))
+                return 1;
+            p++;
+        }
     }
     return 0;
 }
 
-/* A query text that may change session settings: it starts with SET, or may call set_config()
- * (any case of "_config", or a false positive such as pg_config: the pooler then reads the
- * session settings back once more than needed). See scan.py. */
-static inline int mentions_settings(const unsigned char *text, size_t len)
+/* A query text that may change session state (see scan.py): it starts with SET, or mentions
+ * "_config" (set_config), "_advisory" (advisory locks) or "temp" (temporary tables), in any case.
+ * A false positive (pg_config, a column named temperature) costs one read-back. */
+static inline int mentions_session_state(const unsigned char *text, size_t len)
 {
     if (len >= 4 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'e' && (text[2] | 0x20) == 't' &&
         (text[3] == ' ' || text[3] == '\t' || text[3] == '\n' || text[3] == '\r'))
         return 1;
-    return has_config_mark(text, len);
+    return has_nocase(text, len, '_', "config", 6) || has_nocase(text, len, '_', "advisory", 8) ||
+           has_nocase(text, len, 't', "emp", 3);
 }
 
 /* (a, b, c[, d]) as a tuple of ints, without Py_BuildValue's format parsing */
@@ -156,7 +163,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             Py_DECREF(name);
             pos = end;
             head++;
-            if (head < npending && kinds[head] >= SYNTH_PARSE) {
+            if (head < npending && kinds[head] >= SYNTH_FIRST) {
                 result = SYNTH_DUE;
                 break;
             }
@@ -191,6 +198,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             /* DISCARD/DEALLOCATE ALL, or a statement that changed session state */
             if (kind == 'C' && (tag[0] == 'D' || (tag_len == 4 && !memcmp(tag, "SET", 4)) ||
                                 (tag_len == 7 && !memcmp(tag, "LISTEN", 7)) ||
+                                (tag_len == 5 && !memcmp(tag, "LOAD", 5)) ||
                                 (tag_len == 6 && !memcmp(tag, "RESET", 6)) ||
                                 (tag_len == 8 && !memcmp(tag, "PREPARE", 8)))) {
                 result = SPECIAL;
@@ -201,7 +209,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
         pos = end;
         if (popped) {
             head++;
-            if (head < npending && kinds[head] >= SYNTH_PARSE) {
+            if (head < npending && kinds[head] >= SYNTH_FIRST) {
                 result = SYNTH_DUE;
                 break;
             }
@@ -327,7 +335,7 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                   ((length >= 14 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
                    !strncasecmp((const char *)data + pos + 5, "prepare", 7))) ||
                  has_at(data + pos + 5, (size_t)(length - 4), '"', "PGDOORMAN_", 10) ||
-                 mentions_settings(data + pos + 5, (size_t)(length - 4))))
+                 mentions_session_state(data + pos + 5, (size_t)(length - 4))))
                 result = SPECIAL;
             add = QUERY;
             break;
@@ -342,7 +350,7 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             break;
         case 'P':
             if (check_names &&
-                (data[pos + 5] != 0 || mentions_settings(data + pos + 6, (size_t)(length - 5))))
+                (data[pos + 5] != 0 || mentions_session_state(data + pos + 6, (size_t)(length - 5))))
                 result = SPECIAL;
             else if (check_names == NAMES_GUARDED)
                 check_names = NAMES_MAPPED; /* the unnamed statement is this client's from here on */

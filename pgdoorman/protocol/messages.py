@@ -169,8 +169,9 @@ def raise_sql(code: str, text: str) -> str:
             f"MESSAGE = {quote_literal(text)}; END$pgdoorman$")
 
 
-def data_row_values(body: bytes | bytearray) -> list[str | None]:
-    """The columns of a DataRow body, as text (None for NULL)."""
+def data_row_values(body: bytes | bytearray, errors: str = "replace") -> list[str | None]:
+    """The columns of a DataRow body, as text (None for NULL); errors: how to decode bad UTF-8
+    (the tests pass "strict")."""
     count = struct.unpack_from("!h", body, 0)[0]
     values: list[str | None] = []
     pos = 2
@@ -180,6 +181,6 @@ def data_row_values(body: bytes | bytearray) -> list[str | None]:
         if length < 0:
             values.append(None)
         else:
-            values.append(bytes(body[pos : pos + length]).decode("utf-8", "replace"))
+            values.append(bytes(body[pos : pos + length]).decode("utf-8", errors))
             pos += length
     return values

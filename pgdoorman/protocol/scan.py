@@ -32,9 +32,9 @@ HIDDEN_DESCRIBE = 14  # the pooler checks a re-prepared statement's shape (has a
 HIDDEN_BIND = 15  # the pooler's Bind/Execute that raises an error on the server (BindComplete
 HIDDEN_EXECUTE = 16  # hidden; the error itself goes to the client): see ServerConn.raise_error
 HIDDEN_ROWS = 17  # pooler's own query whose rows it reads (ServerConn.capture): all hidden
-# From SYNTH_PARSE on, a kind is "due" as soon as everything before it is answered: the pooler
+# From SYNTH_FIRST on, a kind is "due" as soon as everything before it is answered: the pooler
 # answers it itself, in order.
-SYNTH_PARSE = 20  # client Parse of a statement the server has: pooler answers ParseComplete
+SYNTH_FIRST = 20
 SYNTH_CLOSE = 21  # client Close of a statement: pooler answers CloseComplete
 COPY_END = 22  # client CopyDone/CopyFail: no reply; marks where the Syncs PostgreSQL ignores end
 SYNTH_QUERY = 23  # a simple Query the pooler answers (ServerConn.synth_replies), then ReadyForQuery
@@ -64,18 +64,22 @@ _STREAMED_REQUEST = {81: QUERY, 70: QUERY, 69: EXECUTE, 83: SYNC}  # owed from t
 # client's protocol-level statement, and PREPARE/DEALLOCATE of the pooler's own names.
 _OWN_QUERY_PREFIXES = (b"deallocate", b"prepare")
 QUOTED_SERVER_NAME = b'"PGDOORMAN_'  # how SQL can name the pooler's statements (see prepared.py)
-# A query that may change session settings: it starts with SET (the pooler reads the names of
-# custom settings from it), or may call set_config() (any case, or a false positive such as
-# pg_config). The pooler reads the session settings back after it (frontend/settings.py).
-_CONFIG_MARKS = (b"_config", b"_CONFIG", b"_Config")
+# A query that may change session state: it starts with SET (the pooler reads the names of custom
+# settings from it), or mentions, in any case, "_config" (set_config), "_advisory" (advisory locks)
+# or "temp" (temporary tables). A false positive (pg_config, a column named temperature) costs one
+# read-back. The pooler reads the session back after it (frontend/settings.py, frontend/pins.py).
+_SESSION_MARKS = (b"_config", b"_advisory", b"temp")
 
 
-def mentions_settings(data: bytes | bytearray, start: int, end: int) -> bool:
+def mentions_session_state(data: bytes | bytearray, start: int, end: int) -> bool:
     if end - start >= 4 and data[start : start + 3].lower() == b"set" and data[start + 3] in b" \t\n\r":
         return True
-    return any(data.find(mark, start, end) >= 0 for mark in _CONFIG_MARKS)
+    text = bytes(data[start:end]).lower()
+    return any(mark in text for mark in _SESSION_MARKS)
+
+
 # CommandComplete tags of statements that change session state a later client could see.
-_SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0"))
+_SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0", b"LOAD\0"))
 
 
 def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs: deque[Any] | None = None,
@@ -105,7 +109,7 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
             names.popleft()
             del pending[0]
             pos = end
-            if pending and pending[0] >= SYNTH_PARSE:
+            if pending and pending[0] >= SYNTH_FIRST:
                 return pos, SYNTH_DUE, 0, last_z
             continue
         if not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE:
@@ -132,7 +136,7 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
         pos = end
         if popped:
             del pending[0]
-            if pending and pending[0] >= SYNTH_PARSE:
+            if pending and pending[0] >= SYNTH_FIRST:
                 return pos, SYNTH_DUE, 0, last_z
     return pos, DONE, 0, last_z
 
@@ -189,7 +193,7 @@ def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_
                 return pos, SPECIAL, 0  # not a frontend message
             return n, STREAM, end - n
         if kind == 80:  # Parse
-            if check_names and (data[pos + 5] != 0 or mentions_settings(data, pos + 6, end)):
+            if check_names and (data[pos + 5] != 0 or mentions_session_state(data, pos + 6, end)):
                 return pos, SPECIAL, 0
             pending.append(PARSE)
             if check_names == NAMES_GUARDED:
@@ -204,7 +208,8 @@ def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_
         elif kind == 81 and check_names and length >= 11 and (
                 (data[pos + 5] in b"DdPp"
                  and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES))
-                or data.find(QUOTED_SERVER_NAME, pos + 5, end) >= 0 or mentions_settings(data, pos + 5, end)):
+                or data.find(QUOTED_SERVER_NAME, pos + 5, end) >= 0
+                or mentions_session_state(data, pos + 5, end)):
             return pos, SPECIAL, 0
         elif kind in _PLAIN_REQUEST:
             if (kind == 68 or kind == 67) and check_names and length > 5 and data[pos + 5] == 83 \

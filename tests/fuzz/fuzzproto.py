@@ -74,6 +74,7 @@ from helpers import (
 )
 
 from pgdoorman.devcluster import Cluster
+from pgdoorman.protocol import messages
 
 USER = "trust_user"
 DATABASE = "fz_db"  # the fuzzer's own database: its checks and clean-ups touch nothing else
@@ -475,18 +476,9 @@ def normalise(t: str, body: bytes) -> Norm:
 
 
 def _row(body: bytes) -> list[str | None]:
-    (n,) = struct.unpack("!H", body[:2])
-    pos, row = 2, []
-    for _ in range(n):
-        (ln,) = struct.unpack("!i", body[pos:pos + 4])
-        pos += 4
-        if ln < 0:
-            row.append(None)
-        else:
-            v = body[pos:pos + ln]
-            row.append(v.decode(errors="replace") if ln <= 80 else f"<{ln} bytes>")
-            pos += ln
-    return row
+    """A DataRow's columns as text; long values by their length only (the diff stays readable)."""
+    return [v if v is None or len(v) <= 80 else f"<{len(v.encode())} bytes>"
+            for v in messages.data_row_values(body)]
 
 
 def show(n: Norm) -> str:

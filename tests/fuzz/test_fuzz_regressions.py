@@ -33,6 +33,12 @@ TX = ("transaction",)
 SESSION = ("session",)
 
 REGRESSIONS = [
+    # Session 5 (pins): an unnamed Parse/Bind/Execute with no Sync, then the client closes. The
+    # server stayed active, and the client open, until the harness gave up 5 s later.
+    pytest.param([
+        Step((Query("INSERT INTO fz_t VALUES (2, 'a')"),)),
+        Step((Parse('SELECT id, v FROM fz_t ORDER BY id'), Bind(), Execute()), hangup='close'),
+    ], BOTH, id="unsynced-select-then-close"),
     # case 6: a Query and a Terminate in one write. Directly: the query's reply, then EOF. Through the
     # pooler (all configurations): EOF, the query never runs.
     pytest.param([
