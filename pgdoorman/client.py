@@ -840,6 +840,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                      self.id, server.id)
         self._pinned = held
 
+    def on_copy_in(self) -> None:
+        """COPY FROM STDIN started. A Terminate already forwarded behind the request that started
+        it is read inside COPY: PostgreSQL ends the session with its own ERROR and FATAL, which
+        the client must get (even when the ERROR arrives in the same read as CopyInResponse)."""
+        if self._terminating == _FORWARDED:
+            self._terminating = _INTO_COPY
+
     def on_stalled(self, copy_in: bool) -> None:
         """The server waits for this client: it skips input until Sync after an error (every
         reply owed already relayed), or COPY FROM STDIN waits for data. After a Terminate or a

@@ -110,6 +110,7 @@ class ClientLink(Protocol):
     def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None: ...
     def on_verified(self, failed: bool) -> None: ...
     def on_stalled(self, copy_in: bool) -> None: ...
+    def on_copy_in(self) -> None: ...
     def on_query_skipped(self) -> None: ...
 
 
@@ -436,6 +437,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             popped = self._error(head, data[pos + 5 : end])
         elif kind == 71:  # CopyInResponse
             self.copy_in_started()
+            if self.client is not None:
+                self.client.on_copy_in()
         elif kind == 87:  # CopyBothResponse: replication only, which the pooler refuses
             self.doubt = "unexpected CopyBothResponse"
         elif kind == _S:

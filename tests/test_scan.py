@@ -34,7 +34,8 @@ messages = st.builds(
         st.sampled_from([b"\0", b"S\0", b"Sname\0", b"P\0", b"\0\0", b"p\0stmt\0rest", b"DISCARD ALL\0",
                          b"I", b"SET\0", b"SELECT 1\0", b"LISTEN\0", b"PREPARE\0", b"SET", b"LISTEN",
                          b"RESET\0", b"\0SELECT set_config('a', 'b', false)\0\0\0", b"SELECT SET_CONFIG(1)\0",
-                         b"DO\0", b"\x00\x01\x00\x00\x00\x01x"]),
+                         b"DO\0", b"\x00\x01\x00\x00\x00\x01x", b"tEmP\0", b"x_ADVISORY\0",
+                         b"\0_Config(\0\0\0", b"em\0", b"_\0"]),
     ),
 )
 streams = st.lists(messages, max_size=12).map(b"".join)
@@ -168,6 +169,11 @@ def test_what_became_of_the_unnamed_statement(kinds, seen):
     (b"CREATE TEMPORARY TABLE t (a int)", True),
     (b"SELECT * INTO Temp t FROM x", True),
     (b"SELECT tem", False),
+    (b"temp IS NULL", True),
+    (b"SELECT 1 -- TEMP", True),
+    (b"SELECT x FROM tEm", False),
+    (b"SELECT _advisor", False),
+    (b"SELECT _", False),
     (b"set\tsearch_path = x", True),
     (b"settle", False),
 ])

@@ -333,6 +333,9 @@ class Probe:
     def on_parse_failed(self, name: bytes, stmt: object) -> None:
         pass
 
+    def on_copy_in(self) -> None:
+        pass
+
     def on_stalled(self, copy_in: bool) -> None:
         pass
 

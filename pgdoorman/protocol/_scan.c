@@ -34,36 +34,38 @@ static inline int has_at(const unsigned char *text, size_t len, unsigned char fi
     return 0;
 }
 
-/* Whether text holds first + rest in any case (ASCII), where first is a lowercase letter or '_' */
-static inline int has_nocase(const unsigned char *text, size_t len, unsigned char first,
-                             const char *rest, size_t rest_len)
+/* p[0..n) equals lower (lowercase ASCII letters) in any case: b | 0x20 is a letter's lowercase,
+ * and no other byte maps onto one. */
+static inline int eq_nocase(const unsigned char *p, const char *lower, size_t n)
 {
-    const unsigned char *end = text + len;
-    unsigned char upper = first >= 'a' && first <= 'z' ? (unsigned char)(first - 32) : first;
-    for (int pass = 0; pass < (upper != first ? 2 : 1); pass++) {
-        unsigned char c = pass ? upper : first;
-        const unsigned char *p = text;
-        while (p < end && (p = memchr(p, c, (size_t)(end - p))) != NULL) {
-            if ((size_t)(end - p) <= rest_len)
-                break;
-            if (!strncasecmp((const char *)p + 1, rest, rest_len))
-                return 1;
-            p++;
-        }
-    }
-    return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((p[i] | 0x20) != (unsigned char)lower[i])
+            return 0;
+    return 1;
 }
 
 /* A query text that may change session state (see scan.py): it starts with SET, or mentions
  * "_config" (set_config), "_advisory" (advisory locks) or "temp" (temporary tables), in any case.
- * A false positive (pg_config, a column named temperature) costs one read-back. */
+ * A false positive (pg_config, a column named temperature) costs one read-back. Two memchr
+ * passes: every '_' for the first two marks, every 'm'/'M' for "temp" (rarer than 't' in SQL). */
 static inline int mentions_session_state(const unsigned char *text, size_t len)
 {
-    if (len >= 4 && (text[0] | 0x20) == 's' && (text[1] | 0x20) == 'e' && (text[2] | 0x20) == 't' &&
+    if (len >= 4 && eq_nocase(text, "set", 3) &&
         (text[3] == ' ' || text[3] == '\t' || text[3] == '\n' || text[3] == '\r'))
         return 1;
-    return has_nocase(text, len, '_', "config", 6) || has_nocase(text, len, '_', "advisory", 8) ||
-           has_nocase(text, len, 't', "emp", 3);
+    const unsigned char *end = text + len, *p = text;
+    while (p < end && (p = memchr(p, '_', (size_t)(end - p))) != NULL) {
+        size_t left = (size_t)(end - p) - 1;
+        if ((left >= 6 && eq_nocase(p + 1, "config", 6)) || (left >= 8 && eq_nocase(p + 1, "advisory", 8)))
+            return 1;
+        p++;
+    }
+    for (int upper = 0; upper < 2; upper++) {
+        for (p = text + 2; p < end && (p = memchr(p, upper ? 'M' : 'm', (size_t)(end - p))) != NULL; p++)
+            if (end - p >= 2 && eq_nocase(p - 2, "te", 2) && (p[1] | 0x20) == 'p')
+                return 1;
+    }
+    return 0;
 }
 
 /* (a, b, c[, d]) as a tuple of ints, without Py_BuildValue's format parsing */
