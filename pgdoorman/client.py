@@ -58,6 +58,7 @@ from pgdoorman.protocol.scan import (
     STREAM,
     SYNC,
     SYNTH_CLOSE,
+    grow_partial,
     mentions_session_state,
     message_need,
     scan_requests,
@@ -546,14 +547,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         runs once per transaction)."""
         try:
             if self._partial:
-                # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
-                partial = self._partial
-                if not isinstance(partial, bytearray):
-                    partial = self._partial = bytearray(partial)
-                partial += data
-                if len(partial) < self._need:
+                self._partial, whole = grow_partial(self._partial, data, self._need)
+                if not whole:
                     return
-                data, self._partial = partial, b""
+                data, self._partial = self._partial, b""
             if self._drop:  # the rest of a request the pooler replaced with an error
                 if self._drop >= len(data):
                     self._drop -= len(data)

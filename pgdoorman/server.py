@@ -43,6 +43,7 @@ from pgdoorman.protocol.scan import (
     SYNTH_DUE,
     SYNTH_FIRST,
     SYNTH_QUERY,
+    grow_partial,
     message_need,
     scan_replies,
 )
@@ -270,14 +271,10 @@ class ServerConn(ServerState, asyncio.Protocol):
             self._handshake(data)
             return
         if self._partial:
-            # Grow the incomplete message in place (amortised O(n)); scan only once it is whole.
-            partial = self._partial
-            if not isinstance(partial, bytearray):
-                partial = self._partial = bytearray(partial)
-            partial += data
-            if len(partial) < self._need:
+            self._partial, whole = grow_partial(self._partial, data, self._need)
+            if not whole:
                 return
-            data, self._partial = partial, b""
+            data, self._partial = self._partial, b""
         n = len(data)
         pos = self._skip
         if pos:  # the rest of a DataRow or CopyData streamed through

@@ -224,6 +224,15 @@ def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_
     return pos, DONE, 0
 
 
+def grow_partial(partial: bytes | bytearray, data: bytes | bytearray, need: int) -> tuple[bytearray, bool]:
+    """An incomplete message grown by the next read, in place once it is a bytearray (amortised
+    O(n), never joined again per read), and whether it is now `need` bytes: scanned only then."""
+    if not isinstance(partial, bytearray):
+        partial = bytearray(partial)
+    partial += data
+    return partial, len(partial) >= need
+
+
 def message_need(data: bytes | bytearray, pos: int) -> int:
     """How long data[pos:], an incomplete message, must grow before it can be read whole."""
     have = len(data) - pos
