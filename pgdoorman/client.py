@@ -37,6 +37,7 @@ from pgdoorman.frontend.settings import (
     split_local,
     startup_settings,
 )
+from pgdoorman.frontend.sqlprepare import PREPARED_SQL, Prepared, read_prepared, replay_prepared
 from pgdoorman.frontend.statements import HOLD, UNCHANGED, UNNAMED_KEEP, StatementMapping
 from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
@@ -95,7 +96,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
-        "seen_activity", "server", "settings", "state", "tracked", "transport", "wait_since", "waiting",
+        "prepared_sql", "seen_activity", "server", "settings", "state", "tracked", "transport",
+        "wait_since", "waiting",
     )
 
     def __init__(self, app: App, initial: bytes = b"", moved: dict[str, Any] | None = None,
@@ -133,6 +135,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._reset_always = app.config.general.server_reset_query_always
         self._strict = False
         self._initial: tuple[tuple[str, str], ...] = ()  # its startup settings
+        self.prepared_sql: Prepared = ()  # its SQL prepared statements (frontend/sqlprepare.py)
         self._custom: list[str] = []  # names of custom settings it may have set (note_settings)
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray(initial)  # login-phase input
@@ -504,7 +507,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         server.client = self
         server.refuse_transactions = self._statement_mode
         if (server.tracked != self.tracked or server.settings != self.settings or server.hidden_error
-                or server.settings_unknown):
+                or server.settings_unknown or server.prepared_sql is not self.prepared_sql):
             self._sync_params(server)
         held, self._held = self._held, None
         if self._paused:
@@ -539,6 +542,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         sql = replay_sql(self.tracked, self.settings, server)
         if sql:
             server.send_hidden(sql)
+        if server.prepared_sql is not self.prepared_sql:
+            # After the settings: a PREPARE resolves names by the client's search_path.
+            for sql in replay_prepared(self.prepared_sql, server.prepared_sql):
+                server.send_hidden(sql)
+            server.prepared_sql = self.prepared_sql
 
     # --- relaying requests ---
 
@@ -776,7 +784,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 # Its session settings may have changed: read them back first; they follow
                 # the client to whichever server it is lent next (on_ready comes again).
                 server.settings_dirty = False
-                server.capture(session_settings_sql(self._custom) + HELD_SQL, self._settings_read)
+                server.capture(session_settings_sql(self._custom) + HELD_SQL + PREPARED_SQL,
+                               self._settings_read)
                 return
             if self._pinned:  # state that cannot move: it keeps this server (frontend/pins.py)
                 server.settings_dirty = True  # and looks again after its next transaction
@@ -812,7 +821,14 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                      ", ".join(f"{name}={value}" for name, value in settings) or "defaults")
         self.settings = server.settings = settings
         server.settings_unknown = True  # a setting no query shows may be left: reset first next time
-        self._held_state(held_state(rows, server.loaded), server)
+        prepared, stuck = read_prepared(rows)
+        if prepared != self.prepared_sql:
+            log.info("%s: SQL prepared statements now: %s", self.id,
+                     ", ".join(name for name, _ in prepared) or "none")
+        self.prepared_sql = server.prepared_sql = prepared
+        if stuck:
+            log.info("%s: SQL prepared statements that cannot move: %s", self.id, ", ".join(stuck))
+        self._held_state(held_state(rows, server.loaded, bool(stuck)), server)
 
     def _held_state(self, held: str, server: ServerConn) -> None:
         """What the session holds that cannot move (frontend/pins.py): pin, unpin or refuse."""
@@ -996,6 +1012,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         state = {
             "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
             "params": self.params, "settings": self.settings, "initial": self._initial,
+            "prepared_sql": self.prepared_sql, "custom": self._custom,
             "cancel_key": self.cancel_key,
             "connected_at": self.connected_at,
             "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
@@ -1022,6 +1039,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.tracked = tracked_values(self.params)
         self.settings = tuple((name, value) for name, value in state["settings"])
         self._initial = tuple((name, value) for name, value in state.get("initial", ()))
+        self.prepared_sql = tuple((name, text) for name, text in state.get("prepared_sql", ()))
+        self._custom = list(state.get("custom", ()))
         self.stmts = {name: pool.registry.get(key) for name, key in state["stmts"]}
         self._unnamed = state.get("unnamed")
         pid, key = state["cancel_key"]

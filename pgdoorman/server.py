@@ -128,7 +128,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "_synth_z", "backend_key",
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
-        "loaded", "on_idle", "params", "parked", "pool", "ready", "refuse_transactions", "said_fatal",
+        "loaded", "on_idle", "params", "parked", "pool", "prepared_sql", "ready", "refuse_transactions",
+        "said_fatal",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done",
@@ -166,6 +167,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.hidden_error: dict[str, str] | None = None
         # The other settings replayed here for clients (frontend/settings.py), as (name, value).
         self.settings: tuple[tuple[str, str], ...] = ()
+        # The SQL prepared statements here, as the last client lent it had them (frontend/sqlprepare.py).
+        self.prepared_sql: tuple[tuple[str, str], ...] = ()
         self.closed = False
         self.said_fatal = False  # it sent a FATAL ErrorResponse (its EOF follows)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -520,6 +523,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         elif self.client is None:
             fields = m.parse_error_fields(body)
             log.warning("%s: server says: %s %s", self.id, fields.get("C"), fields.get("M"))
+            if self.said_fatal:  # its end (say, pg_terminate_backend): lend it to no one meanwhile
+                self.close(f"server sent FATAL while idle: {fields.get('M')}")
 
     def _parameter_status(self, body: bytes, hide: bool) -> None:
         name, value = m.parse_parameter_status(body)
@@ -531,6 +536,7 @@ class ServerConn(ServerState, asyncio.Protocol):
     def _command_tag(self, tag: bytes, hidden: bool) -> None:
         if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
             self.statements.clear()
+            self.prepared_sql = ()
             if tag == b"DISCARD ALL":
                 self.settings = ()
             if self.client is not None:
@@ -544,7 +550,9 @@ class ServerConn(ServerState, asyncio.Protocol):
             # SET/RESET of any kind (SET LOCAL too: cheap to check), or a DO block that may
             # have run one: PostgreSQL tells the client's settings after the transaction.
             self.settings_dirty = True
-        elif tag in (b"LISTEN", b"PREPARE", b"DECLARE CURSOR"):
+        elif tag == b"PREPARE" or tag == b"DEALLOCATE":
+            self.settings_dirty = True  # the client's SQL prepared statements: read back, then follow it
+        elif tag == b"LISTEN" or tag == b"DECLARE CURSOR":
             self.settings_dirty = True  # state that pins the client while it lasts (frontend/pins.py)
         elif tag == b"LOAD":
             self.loaded = True  # a library loaded stays in this backend: never lent to another client
@@ -560,6 +568,10 @@ class ServerConn(ServerState, asyncio.Protocol):
                 fields = m.parse_error_fields(body)
                 self.hidden_error = fields
                 log.warning("%s: pooler query failed: %s", self.id, fields.get("M"))
+                if head == HIDDEN_QUERY and self.client is not None:
+                    # A replay failed part way (say, a PREPARE of a dropped table): what the client
+                    # has here is read back after its transaction.
+                    self.settings_dirty = True
             return False
         if (head == BIND_NAMED or head == DESCRIBE_NAMED) and b"C26000\0" in body:
             # The statement vanished behind the pooler's back (a DEALLOCATE it could not see):

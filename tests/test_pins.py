@@ -1,7 +1,8 @@
 """Issue 9: session state that cannot move pins its client to its server, and never leaks.
 
 A temporary table, a WITH HOLD cursor, a session advisory lock, a LISTEN, an SQL prepared
-statement and a LOAD each keep the client on its server while they last (frontend/pins.py). On a
+statement whose PREPARE the pooler cannot tell (a U&"..." name; others move, test_sql_prepare.py)
+and a LOAD each keep the client on its server while they last (frontend/pins.py). On a
 pool of one server, a second client then waits; once the state is gone it gets the server, clean.
 """
 
@@ -26,7 +27,7 @@ STATES = {
     "lock-in-function": ("SELECT count(*) FROM (SELECT pg_catalog.PG_ADVISORY_LOCK(77)) l",
                          "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77"
                          " AND pid = pg_backend_pid()", "SELECT pg_advisory_unlock_all()"),
-    "sql-prepare": ("PREPARE pin_p AS SELECT 7", "EXECUTE pin_p", "DEALLOCATE pin_p"),
+    "sql-prepare-unicode-name": ('PREPARE U&"pin\\0070" AS SELECT 7', "EXECUTE pinp", "DEALLOCATE pinp"),
 }
 
 # What another client must never see of it, on whatever server it gets.

@@ -1,8 +1,9 @@
 """Session state that cannot follow a client to another server pins it to its server.
 
 In transaction and statement mode a client's session settings are replayed wherever it goes
-(settings.py). A temporary table, a WITH HOLD cursor, a session advisory lock, a LISTEN, an SQL
-prepared statement or a loaded library cannot be moved: while any of them lasts, the client keeps
+(settings.py). A temporary table, a WITH HOLD cursor, a session advisory lock, a LISTEN, a loaded
+library or an SQL prepared statement whose PREPARE the pooler cannot tell (frontend/sqlprepare.py)
+cannot be moved: while any of them lasts, the client keeps
 its server (`pin_policy = "pin"`), or is refused with 0A000 naming it (`"refuse"`, and always in
 statement mode). PostgreSQL is the authority on what a session holds: the same read-back that
 learns its settings asks the catalogs, after every transaction the pre-filter flags and after
@@ -27,19 +28,19 @@ HELD_SQL = (
     " THEN 'WITH HOLD cursor' END,"
     " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
     " AND pid = pg_catalog.pg_backend_pid()) THEN 'session advisory lock' END,"
-    " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) THEN 'LISTEN' END,"
-    " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"
-    " THEN 'SQL prepared statement' END)"
+    " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) THEN 'LISTEN' END)"
 )
 PIN = "pin"  # config.schema.PIN_POLICIES
 
 
-def held_state(rows: Sequence[Sequence[str | None]], loaded: bool) -> str:
+def held_state(rows: Sequence[Sequence[str | None]], loaded: bool, stuck_prepared: bool = False) -> str:
     """What the session holds that cannot move ("" for nothing), from the read-back's rows."""
-    held = next((row[1] or "" for row in rows if row[0] == HELD_ROW), "")
+    held = [next((row[1] or "" for row in rows if row[0] == HELD_ROW), "")]
+    if stuck_prepared:
+        held.append("SQL prepared statement")
     if loaded:
-        held = f"{held}, LOAD" if held else "LOAD"
-    return held
+        held.append("LOAD")
+    return ", ".join(filter(None, held))
 
 
 def refusal(held: str, mode: str, policy: str) -> tuple[str, str] | None:
