@@ -21,6 +21,7 @@ from pgdoorman.auth import (
     parse_secret,
     plain_salt,
 )
+from pgdoorman.frontend.notify import LISTEN_SQL, Listener, channels_read, listen_sql
 from pgdoorman.frontend.pins import HELD_SQL, PIN, held_state, refusal
 from pgdoorman.frontend.settings import (
     MAX_CUSTOM_NAMES,
@@ -90,13 +91,15 @@ _STATUS_IDLE = 73
 class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
-        "_asked", "_auth_kind", "_buf", "_drop", "_held", "_max_message", "_moved", "_need", "_partial",
+        "_asked", "_auth_kind", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
+        "_partial",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
-        "_custom", "_initial", "_names", "_pin_policy", "_pinned", "_startup", "_statement_mode",
+        "_custom", "_initial", "_names", "_notes", "_pin_policy", "_pinned", "_startup",
+        "_statement_mode",
         "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
-        "prepared_sql", "seen_activity", "server", "settings", "state", "tracked", "transport",
+        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "tracked", "transport",
         "wait_since", "waiting",
     )
 
@@ -136,6 +139,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._strict = False
         self._initial: tuple[tuple[str, str], ...] = ()  # its startup settings
         self.prepared_sql: Prepared = ()  # its SQL prepared statements (frontend/sqlprepare.py)
+        self.channels: frozenset[str] = frozenset()  # what it LISTENs to (frontend/notify.py)
+        # notifications for it (channel, message), after its current reply; None for none
+        self._notes: list[tuple[str | None, bytes]] | None = None
+        # channels its server was last seen listening to: while it listens, it delivers those
+        self._heard_here: frozenset[str] = frozenset()
         self._custom: list[str] = []  # names of custom settings it may have set (note_settings)
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._buf = bytearray(initial)  # login-phase input
@@ -559,6 +567,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 if not whole:
                     return
                 data, self._partial = self._partial, b""
+            if self.channels:
+                self._show_channels(data, server)
             if self._drop:  # the rest of a request the pooler replaced with an error
                 if self._drop >= len(data):
                     self._drop -= len(data)
@@ -770,6 +780,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def on_ready(self, status: int) -> None:
         """The server answered everything we sent and reports its transaction status."""
         self.in_transaction = status != _STATUS_IDLE
+        if self._notes is not None:  # notifications that came during the reply, right after it
+            self._deliver_notes()
         if self._terminating:  # everything before the client's Terminate is answered
             self.close("client close request")
             return
@@ -784,8 +796,18 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 # Its session settings may have changed: read them back first; they follow
                 # the client to whichever server it is lent next (on_ready comes again).
                 server.settings_dirty = False
-                server.capture(session_settings_sql(self._custom) + HELD_SQL + PREPARED_SQL,
+                server.capture(session_settings_sql(self._custom) + HELD_SQL + PREPARED_SQL + LISTEN_SQL,
                                self._settings_read)
+                return
+            if server.listening:  # its LISTENs move to the pool's listener first (frontend/notify.py)
+                listener = server.pool.listener
+                if listener is not None and not listener.covers(self.channels):
+                    # It keeps this server, which delivers them, until on_listening; an UNLISTEN
+                    # here meanwhile is read back.
+                    server.settings_dirty = True
+                    return
+                server.listening = False
+                server.send_hidden("UNLISTEN *")
                 return
             if self._pinned:  # state that cannot move: it keeps this server (frontend/pins.py)
                 server.settings_dirty = True  # and looks again after its next transaction
@@ -829,6 +851,75 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if stuck:
             log.info("%s: SQL prepared statements that cannot move: %s", self.id, ", ".join(stuck))
         self._held_state(held_state(rows, server.loaded, bool(stuck)), server)
+        self._channels_read(channels_read(rows), server)
+
+    def _channels_read(self, found: frozenset[str], server: ServerConn) -> None:
+        """The channels its server listens to after its transaction: they join its subscription
+        on the pool's listener. A server that listens for it has all of its channels, so there
+        what PostgreSQL shows is the subscription (UNLISTEN included)."""
+        channels = found if server.listening else self.channels | found
+        if found and channels != found:  # give it the rest too, so that it stays so
+            server.send_hidden(listen_sql(channels - found))
+        server.listening = bool(found)
+        self._heard_here = found
+        if channels == self.channels:
+            return
+        pool = server.pool
+        if pool.listener is None:
+            pool.listener = Listener(pool)
+        old, self.channels = self.channels, channels
+        log.info("%s: listens to: %s", self.id, ", ".join(sorted(channels)) or "nothing")
+        pool.listener.update(self, old, channels)
+
+    def deliver(self, message: bytes, channel: str | None) -> None:
+        """A notification on channel (or the listener's NOTICE, channel None) for this client:
+        now if no reply is on the way to it, else right after the current one (on_ready)."""
+        if self.state == CLOSED:
+            return
+        server = self.server
+        if server is not None and server.listening and channel in self._heard_here:
+            # Committed before that server's UNLISTEN (not sent yet): it brings this one itself.
+            return
+        if server is None or not server.pending:
+            self.transport.write(message)
+        elif self._notes is None:
+            self._notes = [(channel, message)]
+        else:
+            self._notes.append((channel, message))
+
+    def _deliver_notes(self) -> None:
+        """The notifications held during a reply, but none of a channel it UNLISTENed meanwhile
+        (known from the read-back that may have come with the reply)."""
+        notes, self._notes = self._notes or (), None
+        channels = self.channels
+        out = b"".join(message for channel, message in notes if channel is None or channel in channels)
+        if out:
+            self.transport.write(out)
+
+    def _show_channels(self, data: bytes | bytearray, server: ServerConn) -> None:
+        """A request that mentions "listen" (UNLISTEN, pg_listening_channels()) must see this
+        client's channels on its server, as directly: LISTEN them there first, in a transaction
+        of the pooler's own (so only between the client's transactions), and read back after."""
+        if self.mode == SESSION or b"listen" not in data.lower():
+            return
+        if server.listening:  # it has them all already: read back after this request
+            server.settings_dirty = True
+            return
+        if (self._skip or self._drop or server.status != _STATUS_IDLE or server.unsynced
+                or server.copy_in or not _only_pooler_queries(server.pending)):
+            return
+        server.send_hidden(listen_sql(self.channels))
+        server.listening = server.settings_dirty = True
+        self._heard_here = frozenset()
+
+    def on_listening(self) -> None:
+        """The pool's listener confirmed channels of this client: give back a server kept for them."""
+        server = self.server
+        if server is not None and server.listening and not server.pending and server.status == _STATUS_IDLE:
+            # Nothing ran since on_ready kept it (else a request would be pending or its reply's
+            # on_ready would have read back): the mark it left for an UNLISTEN is not needed.
+            server.settings_dirty = False
+            self.on_ready(_STATUS_IDLE)
 
     def _held_state(self, held: str, server: ServerConn) -> None:
         """What the session holds that cannot move (frontend/pins.py): pin, unpin or refuse."""
@@ -923,6 +1014,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self.pool.clients -= 1
             if self._pinned:
                 self.pool.pinned -= 1
+            if self.channels and self.pool.listener is not None:
+                self.pool.listener.drop(self)
             self.pool.cancel_wait(self)
             self._return_server()
         if was_active and not self.app.config.general.log_client_disconnections:
@@ -973,6 +1066,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         else:
             if server.session_reset:
                 queries.append(server.session_reset)
+            elif server.listening:
+                queries.append("UNLISTEN *")
+            server.listening = False
             if reset and self.app.config.general.server_reset_query_always:
                 queries.append(reset)
         server.session_reset = ""
@@ -989,7 +1085,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def movable(self) -> bool:
         """Waiting for a server between transactions, with nothing half-read or half-written."""
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
-                and not self._terminating
+                and not self._terminating and not self.channels  # (its subscription stays here)
                 and self._held is not None and not self._partial and not self._skip and not self._paused
                 and self._verify_hold is None and not self._drop
                 and not self.transport.get_write_buffer_size())

@@ -17,6 +17,7 @@ from pgdoorman.protocol.state import STATUS_IDLE
 from pgdoorman.server import ServerConn, ServerError
 
 if TYPE_CHECKING:
+    from pgdoorman.frontend.notify import Listener
     from pgdoorman.frontend.settings import Welcome
 
 log = logging.getLogger("pgdoorman.pool")
@@ -67,6 +68,7 @@ class Pool:
         self.servers: set[ServerConn] = set()
         self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
         self.pinned = 0  # of them, clients pinned to their server (frontend/pins.py; cl_pinned)
+        self.listener: Listener | None = None  # LISTEN/NOTIFY fan-out, made at the first LISTEN
         self.served = 0  # clients that waited and then got a server, since load() last ran
         self.waited = 0.0  # their total wait, seconds
         self.connecting = 0
@@ -255,5 +257,7 @@ class Pool:
     def close_all(self, reason: str) -> None:
         self._closing = True
         self._fail_waiters(reason, codes.ADMIN_SHUTDOWN)
+        if self.listener is not None:
+            self.listener.close(reason)
         for server in list(self.servers):
             server.close(reason)

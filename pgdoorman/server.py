@@ -58,7 +58,7 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 
 SYNTH_REPLY = {SYNTH_CLOSE: m.close_complete()}
 
-_Z, _E, _S = 90, 69, 83
+_Z, _E, _S, _A = 90, 69, 83, 65  # ReadyForQuery, ErrorResponse, ParameterStatus, NotificationResponse
 _STATUS_IDLE = 73  # 'I'
 _CACHED_PLAN_MSG = b"cached plan must not change result type"
 # ServerConn.raise_error: a one-shot statement of the pooler's (closed first: a previous one may
@@ -128,8 +128,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         "_handshaking", "_inbuf", "_need", "_partial", "_scram", "_skip", "_synth_z", "backend_key",
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
-        "loaded", "on_idle", "params", "parked", "pool", "prepared_sql", "ready", "refuse_transactions",
-        "said_fatal",
+        "listening", "loaded", "on_idle", "params", "parked", "pool", "prepared_sql", "ready",
+        "refuse_transactions", "said_fatal",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done",
@@ -154,6 +154,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
         self.loaded = False  # a client ran LOAD here (frontend/pins.py)
+        # It LISTENs for its lent client: UNLISTEN * before anyone else gets it (frontend/notify.py).
+        self.listening = False
         # A reply showed the lent client may have changed its session settings (SET, RESET,
         # DISCARD, DO): the client reads them back before the server is given back.
         self.settings_dirty = False
@@ -358,6 +360,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         pending = self.pending
         if kind == _E and (b"VFATAL\0" in data[pos + 5 : end] or b"VPANIC\0" in data[pos + 5 : end]):
             self.said_fatal = True  # the server's own last word: the client needs no other
+        if kind == _A:
+            return False, b""  # a NotificationResponse is its client's, even amid the pooler's query
         if not pending:
             if kind == _S or kind == _E:
                 self._unsolicited(kind, data[pos + 5 : end])

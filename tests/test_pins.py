@@ -1,8 +1,8 @@
 """Issue 9: session state that cannot move pins its client to its server, and never leaks.
 
-A temporary table, a WITH HOLD cursor, a session advisory lock, a LISTEN, an SQL prepared
+A temporary table, a WITH HOLD cursor, a session advisory lock, an SQL prepared
 statement whose PREPARE the pooler cannot tell (a U&"..." name; others move, test_sql_prepare.py)
-and a LOAD each keep the client on its server while they last (frontend/pins.py). On a
+and a LOAD each (LISTEN moves to the pool's listener, test_listen.py) keep the client on its server while they last (frontend/pins.py). On a
 pool of one server, a second client then waits; once the state is gone it gets the server, clean.
 """
 
@@ -21,9 +21,6 @@ STATES = {
     "advisory-lock": ("SELECT pg_advisory_lock(4242)",
                       "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
                       " AND pid = pg_backend_pid()", "SELECT pg_advisory_unlock(4242)"),
-    "listen": ("LISTEN pin_chan", "SELECT count(*) FROM pg_listening_channels()", "UNLISTEN *"),
-    "listen-in-do": ("DO $$ BEGIN LISTEN pin_chan; END $$", "SELECT count(*) FROM pg_listening_channels()",
-                     "UNLISTEN pin_chan"),
     "lock-in-function": ("SELECT count(*) FROM (SELECT pg_catalog.PG_ADVISORY_LOCK(77)) l",
                          "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77"
                          " AND pid = pg_backend_pid()", "SELECT pg_advisory_unlock_all()"),

@@ -1,7 +1,7 @@
 """Session state that cannot follow a client to another server pins it to its server.
 
 In transaction and statement mode a client's session settings are replayed wherever it goes
-(settings.py). A temporary table, a WITH HOLD cursor, a session advisory lock, a LISTEN, a loaded
+(settings.py). A temporary table, a WITH HOLD cursor, a session advisory lock, a loaded
 library or an SQL prepared statement whose PREPARE the pooler cannot tell (frontend/sqlprepare.py)
 cannot be moved: while any of them lasts, the client keeps
 its server (`pin_policy = "pin"`), or is refused with 0A000 naming it (`"refuse"`, and always in
@@ -27,8 +27,7 @@ HELD_SQL = (
     " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)"
     " THEN 'WITH HOLD cursor' END,"
     " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
-    " AND pid = pg_catalog.pg_backend_pid()) THEN 'session advisory lock' END,"
-    " CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) THEN 'LISTEN' END)"
+    " AND pid = pg_catalog.pg_backend_pid()) THEN 'session advisory lock' END)"
 )
 PIN = "pin"  # config.schema.PIN_POLICIES
 

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from pgdoorman.frontend.standin import StandIn
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.server import TRACKED_PARAMS, tracked_values
@@ -284,7 +285,7 @@ class _Discard(asyncio.Transport):
 _DISCARD = _Discard()
 
 
-class Probe:
+class Probe(StandIn):
     """Stands in for the client on a server while PostgreSQL judges the client's startup settings.
     done(server, None) on success (the result is cached in the pool), done(server, Refused) on
     PostgreSQL's error; lost(reason) if the server goes away first."""
@@ -317,30 +318,6 @@ class Probe:
 
     def on_server_lost(self, server: ServerConn, reason: str) -> None:
         self._lost(reason)
-
-    def on_parameter_status(self, name: str, value: str) -> None:
-        pass
-
-    def on_statements_discarded(self) -> None:
-        pass
-
-    def on_verified(self, failed: bool) -> None:
-        pass
-
-    def name_of(self, stmt: object) -> bytes | None:
-        return None
-
-    def on_parse_failed(self, name: bytes, stmt: object) -> None:
-        pass
-
-    def on_copy_in(self) -> None:
-        pass
-
-    def on_stalled(self, copy_in: bool) -> None:
-        pass
-
-    def on_query_skipped(self) -> None:
-        pass
 
 
 # --- the replay ---
