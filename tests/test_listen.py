@@ -238,3 +238,35 @@ def test_two_workers_each_with_its_listener(make_pooler):
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_listener_counts():
+    """The counts SHOW and the metrics read (frontend/notify.Listener.stats)."""
+    from pgdoorman.frontend.notify import Listener
+
+    class Client:
+        def __init__(self, name: str) -> None:
+            self.id, self.channels, self.got = name, frozenset(), []
+
+        def deliver(self, message: bytes, channel) -> None:
+            self.got.append((channel, message))
+
+        def on_listening(self) -> None:
+            pass
+
+    class NoPool:
+        name = "db/user"
+
+    hub = Listener(NoPool())  # type: ignore[arg-type]
+    hub._connecting = True  # no connection in this unit test: subscriptions only
+    a, b = Client("a"), Client("b")
+    hub.update(a, frozenset(), frozenset({"x", "y"}))
+    a.channels = frozenset({"x", "y"})
+    hub.update(b, frozenset(), frozenset({"y"}))
+    b.channels = frozenset({"y"})
+    assert hub.stats() == {"channels": 2, "listeners": 2, "notifications": 0, "listener_lost": 0}
+    note = b"A" + (4 + 4 + 2 + 2).to_bytes(4, "big") + (7).to_bytes(4, "big") + b"y\0p\0"
+    hub.notification(note)
+    assert a.got == [("y", note)] and b.got == [("y", note)]
+    hub.drop(a)
+    assert hub.stats()["channels"] == 1 and hub.stats()["notifications"] == 2

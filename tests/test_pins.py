@@ -1,9 +1,10 @@
 """Issue 9: session state that cannot move pins its client to its server, and never leaks.
 
-A temporary table, a WITH HOLD cursor, a session advisory lock, an SQL prepared
-statement whose PREPARE the pooler cannot tell (a U&"..." name; others move, test_sql_prepare.py)
-and a LOAD each (LISTEN moves to the pool's listener, test_listen.py) keep the client on its server while they last (frontend/pins.py). On a
-pool of one server, a second client then waits; once the state is gone it gets the server, clean.
+A temporary table, a WITH HOLD cursor, a session advisory lock, an SQL prepared statement whose
+PREPARE the pooler cannot tell (a U&"..." name; others move, test_sql_prepare.py) and a LOAD each
+keep the client on its server while they last (frontend/pins.py; LISTEN moves to the pool's
+listener, test_listen.py). On a pool of one server, a second client then waits; once the state is
+gone it gets the server, clean.
 """
 
 from __future__ import annotations

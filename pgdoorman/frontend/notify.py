@@ -108,6 +108,13 @@ class Listener(StandIn):
         self.notifications = 0  # delivered, counted per receiving client
         self.lost = 0
 
+    def stats(self) -> dict[str, int]:
+        """What SHOW and the metrics report: channels listened to, clients listening, notifications
+        delivered, listener connections lost."""
+        clients = {client for clients in self.subscribers.values() for client in clients}
+        return {"channels": len(self.subscribers), "listeners": len(clients),
+                "notifications": self.notifications, "listener_lost": self.lost}
+
     # --- subscriptions ---
 
     def update(self, client: Subscriber, old: frozenset[str], new: frozenset[str]) -> None:
