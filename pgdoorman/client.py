@@ -56,10 +56,12 @@ from pgdoorman.protocol.scan import (
     PARSE,
     SAW_PARSE,
     SAW_QUERY,
+    SEQUENCE_MARKS,
     SPECIAL,
     STREAM,
     SYNC,
     SYNTH_CLOSE,
+    changes_settings,
     grow_partial,
     mentions_session_state,
     message_need,
@@ -514,6 +516,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.server = server
         server.client = self
         server.refuse_transactions = self._statement_mode
+        if server.last_client is not self:
+            server.last_client = self
+            if server.sequences_used:  # another client's currval/lastval must not be this one's
+                server.sequences_used = False
+                server.send_hidden("DISCARD SEQUENCES")
         if (server.tracked != self.tracked or server.settings != self.settings or server.hidden_error
                 or server.settings_unknown or server.prepared_sql is not self.prepared_sql):
             self._sync_params(server)
@@ -824,7 +831,12 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def note_settings(self, server: ServerConn, sql: bytes | bytearray) -> None:
         """A request that may change session settings: read them back after its transaction,
-        custom ones by the names it gives."""
+        custom ones by the names it gives. (One that only calls nextval/setval marks the server
+        for DISCARD SEQUENCES before its next other client instead.)"""
+        if any(mark in sql.lower() for mark in SEQUENCE_MARKS):
+            server.sequences_used = True
+            if not changes_settings(sql):
+                return
         server.settings_dirty = True
         for name in custom_names(sql):
             if name not in self._custom and len(self._custom) < MAX_CUSTOM_NAMES:

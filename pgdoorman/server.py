@@ -129,7 +129,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "backend_pid",
         "cancels_in_flight", "client", "closed", "created", "hidden_error", "id", "last_used",
         "listening", "loaded", "on_idle", "params", "parked", "pool", "prepared_sql", "ready",
-        "refuse_transactions", "said_fatal",
+        "last_client", "refuse_transactions", "said_fatal", "sequences_used",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done",
@@ -154,6 +154,10 @@ class ServerConn(ServerState, asyncio.Protocol):
         # What a client changed that the next one must not see; run before the server is reused.
         self.session_reset = ""
         self.loaded = False  # a client ran LOAD here (frontend/pins.py)
+        # A client's nextval/setval (or INSERT) may have set currval/lastval here: the next other
+        # client lent it gets DISCARD SEQUENCES first, so it sees 55000 as on a connection of its own.
+        self.sequences_used = False
+        self.last_client: object = None
         # It LISTENs for its lent client: UNLISTEN * before anyone else gets it (frontend/notify.py).
         self.listening = False
         # A reply showed the lent client may have changed its session settings (SET, RESET,
@@ -558,6 +562,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.settings_dirty = True  # the client's SQL prepared statements: read back, then follow it
         elif tag == b"LISTEN" or tag == b"DECLARE CURSOR":
             self.settings_dirty = True  # state that pins the client while it lasts (frontend/pins.py)
+        elif tag[:7] == b"INSERT ":
+            self.sequences_used = True  # a column default may have called nextval (currval/lastval)
         elif tag == b"LOAD":
             self.loaded = True  # a library loaded stays in this backend: never lent to another client
             self.settings_dirty = True

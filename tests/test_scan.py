@@ -35,7 +35,8 @@ messages = st.builds(
                          b"I", b"SET\0", b"SELECT 1\0", b"LISTEN\0", b"PREPARE\0", b"SET", b"LISTEN",
                          b"RESET\0", b"\0SELECT set_config('a', 'b', false)\0\0\0", b"SELECT SET_CONFIG(1)\0",
                          b"DO\0", b"\x00\x01\x00\x00\x00\x01x", b"tEmP\0", b"x_ADVISORY\0",
-                         b"\0_Config(\0\0\0", b"em\0", b"_\0"]),
+                         b"\0_Config(\0\0\0", b"em\0", b"_\0", b"INSERT 0 1\0", b"INSERT\0",
+                         b"SELECT NextVal('s')\0", b"setval\0", b"val\0"]),
     ),
 )
 streams = st.lists(messages, max_size=12).map(b"".join)
@@ -176,6 +177,14 @@ def test_what_became_of_the_unnamed_statement(kinds, seen):
     (b"SELECT _", False),
     (b"set\tsearch_path = x", True),
     (b"settle", False),
+    (b"SELECT nextval('s')", True),
+    (b"SELECT NEXTVAL('s')", True),
+    (b"SELECT pg_catalog.setval('s', 5)", True),
+    (b"SELECT currval('s'), lastval()", False),  # readers: what DISCARD SEQUENCES is for
+    (b"INSERT INTO t VALUES (1)", False),
+    (b"val", False),
+    (b"xval", False),
+    (b"extval", False),
 ])
 def test_query_texts_the_pooler_reads(sql, special):
     """The compiled scanner's memchr-based search finds what the Python twin finds: the pooler's

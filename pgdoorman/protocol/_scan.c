@@ -45,9 +45,10 @@ static inline int eq_nocase(const unsigned char *p, const char *lower, size_t n)
 }
 
 /* A query text that may change session state (see scan.py): it starts with SET, or mentions
- * "_config" (set_config), "_advisory" (advisory locks) or "temp" (temporary tables), in any case.
- * A false positive (pg_config, a column named temperature) costs one read-back. Two memchr
- * passes: every '_' for the first two marks, every 'm'/'M' for "temp" (rarer than 't' in SQL). */
+ * "_config" (set_config), "_advisory" (advisory locks) or "temp" (temporary tables), or calls
+ * nextval/setval, in any case. A false positive (pg_config, a column named temperature) costs one
+ * read-back. memchr passes: every '_' for the first two marks, every 'm'/'M' for "temp" (rarer
+ * than 't' in SQL), every 'v'/'V' for "nextval"/"setval". */
 static inline int mentions_session_state(const unsigned char *text, size_t len)
 {
     if (len >= 4 && eq_nocase(text, "set", 3) &&
@@ -63,6 +64,12 @@ static inline int mentions_session_state(const unsigned char *text, size_t len)
     for (int upper = 0; upper < 2; upper++) {
         for (p = text + 2; p < end && (p = memchr(p, upper ? 'M' : 'm', (size_t)(end - p))) != NULL; p++)
             if (end - p >= 2 && eq_nocase(p - 2, "te", 2) && (p[1] | 0x20) == 'p')
+                return 1;
+    }
+    for (int upper = 0; upper < 2; upper++) {
+        for (p = text + 3; p < end && (p = memchr(p, upper ? 'V' : 'v', (size_t)(end - p))) != NULL; p++)
+            if (end - p >= 3 && eq_nocase(p, "val", 3) &&
+                (eq_nocase(p - 3, "set", 3) || (p - text >= 4 && eq_nocase(p - 4, "next", 4))))
                 return 1;
     }
     return 0;
@@ -202,7 +209,8 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
                                 (tag_len == 7 && !memcmp(tag, "LISTEN", 7)) ||
                                 (tag_len == 5 && !memcmp(tag, "LOAD", 5)) ||
                                 (tag_len == 6 && !memcmp(tag, "RESET", 6)) ||
-                                (tag_len == 8 && !memcmp(tag, "PREPARE", 8)))) {
+                                (tag_len == 8 && !memcmp(tag, "PREPARE", 8)) ||
+                                (tag[0] == 'I' && tag_len > 7 && !memcmp(tag, "INSERT ", 7)))) {
                 result = SPECIAL;
                 break;
             }

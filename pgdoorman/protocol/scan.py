@@ -69,13 +69,24 @@ QUOTED_SERVER_NAME = b'"PGDOORMAN_'  # how SQL can name the pooler's statements 
 # or "temp" (temporary tables). A false positive (pg_config, a column named temperature) costs one
 # read-back. The pooler reads the session back after it (frontend/settings.py, frontend/pins.py).
 _SESSION_MARKS = (b"_config", b"_advisory", b"temp")
+# Sequence functions that set the session's currval/lastval: the next other client lent the server
+# gets DISCARD SEQUENCES first (so does one after an INSERT, whose defaults may call nextval).
+SEQUENCE_MARKS = (b"nextval", b"setval")
 
 
 def mentions_session_state(data: bytes | bytearray, start: int, end: int) -> bool:
     if end - start >= 4 and data[start : start + 3].lower() == b"set" and data[start + 3] in b" \t\n\r":
         return True
     text = bytes(data[start:end]).lower()
-    return any(mark in text for mark in _SESSION_MARKS)
+    return any(mark in text for mark in _SESSION_MARKS) or any(mark in text for mark in SEQUENCE_MARKS)
+
+
+def changes_settings(sql: bytes | bytearray) -> bool:
+    """Of the texts mentions_session_state flags, those the session read-back is for (the rest
+    only call sequence functions)."""
+    text = bytes(sql).lower()
+    return (text[:3] == b"set" and text[3:4] in (b" ", b"\t", b"\n", b"\r")) or any(
+        mark in text for mark in _SESSION_MARKS)
 
 
 # CommandComplete tags of statements that change session state a later client could see.
@@ -130,8 +141,9 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
         elif kind == 84 or kind == 110:
             popped = head == DESCRIBE
         elif kind == 67 or kind == 73 or kind == 115:
-            if kind == 67 and (data[pos + 5] == 68 or bytes(data[pos + 5 : end]) in _SESSION_TAGS):
-                return pos, SPECIAL, 0, last_z  # DISCARD/DEALLOCATE ALL, or session state changed
+            if kind == 67 and (data[pos + 5] == 68 or bytes(data[pos + 5 : end]) in _SESSION_TAGS or (
+                    data[pos + 5] == 73 and data[pos + 5 : pos + 12] == b"INSERT ")):
+                return pos, SPECIAL, 0, last_z  # DISCARD/DEALLOCATE ALL, session state, an INSERT
             popped = head == EXECUTE
         pos = end
         if popped:
