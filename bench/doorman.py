@@ -19,6 +19,7 @@ class PgDoorman(PoolerProcess):
     log_level: str = "info"
     workers: int = 0  # pgdoorman's default: one worker process per CPU core
     source_root: str = REPO_ROOT  # another checkout (a git worktree of --baseline) to run instead
+    strict: bool = False  # pool strict = true: the session read back after every transaction
 
     def prepare(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-pgdoorman-")
@@ -42,6 +43,7 @@ class PgDoorman(PoolerProcess):
                     "server_host": self.host,
                     "server_port": self.server_port,
                     "server_database": self.database,
+                    **({"strict": True} if self.strict else {}),
                     "users": [{"username": self.user, "password": "", "pool_size": self.pool_size}],
                 },
             },

@@ -6,7 +6,8 @@ import statistics
 from dataclasses import dataclass, field
 
 # -1w: one worker process; -base: the same, run from the --baseline git revision (before/after)
-TARGETS = ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w", "pgdoorman-base", "pgdoorman-base-1w")
+TARGETS = ("direct", "pgbouncer", "pgdoorman", "pgdoorman-1w", "pgdoorman-strict", "pgdoorman-base",
+           "pgdoorman-base-1w")
 MODES = ("simple", "extended", "prepared")
 
 

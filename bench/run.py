@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run -S (simple) with every client setting search_path and a custom "
                         "setting at connect (PGOPTIONS), as Django and Rails do")
     p.add_argument("--targets", type=_str_list, default=None,
-                   help=",".join(TARGETS) + " (default: all but the -base ones unless --baseline)")
+                   help=",".join(TARGETS) + " (default: all but -strict, and -base unless --baseline)")
     p.add_argument("--churn-clients", type=int, default=32, help="clients of the -C case (0: skip)")
     p.add_argument("--idle-clients", type=int, default=10_000, help="idle logins per pooler (0: skip)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (10)")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rounds, args.duration, args.clients, args.modes = 1, 2, [1, 8], ["simple"]
         args.idle_clients, args.churn_clients, args.warmup = 200, 8, 1
     if args.targets is None:
-        args.targets = [t for t in TARGETS if args.baseline or "-base" not in t]
+        args.targets = [t for t in TARGETS if (args.baseline or "-base" not in t) and "-strict" not in t]
     bad = [m for m in args.modes if m not in MODES] + [t for t in args.targets if t not in TARGETS]
     if bad:
         p.error(f"unknown mode or target: {', '.join(bad)}")
@@ -171,7 +171,7 @@ def make_targets(args: argparse.Namespace, host: str, server_port: int) -> list[
                 raise SystemExit(f"target {name} needs --baseline REV")
             pgd = PgDoorman(name, host, free_port(host), server_port=server_port, database=DATABASE,
                             user=USER, pool_size=POOL_SIZE, max_client_conn=max_client,
-                            workers=1 if name.endswith("-1w") else 0,
+                            workers=1 if name.endswith("-1w") else 0, strict=name.endswith("-strict"),
                             **({"source_root": args.baseline_root} if "-base" in name else {}))
             pgd.prepare()
             made.append(pgd)
