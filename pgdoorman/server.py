@@ -39,6 +39,7 @@ from pgdoorman.protocol.scan import (
     PARSE_NAMED,
     QUERY,
     STREAM,
+    SYNC,
     SYNTH_CLOSE,
     SYNTH_DUE,
     SYNTH_FIRST,
@@ -113,6 +114,7 @@ class ClientLink(Protocol):
     def on_stalled(self, copy_in: bool) -> None: ...
     def on_copy_in(self) -> None: ...
     def on_query_skipped(self) -> None: ...
+    def on_unnamed_parses_skipped(self, count: int) -> None: ...
 
 
 class ServerError(Exception):
@@ -598,10 +600,17 @@ class ServerConn(ServerState, asyncio.Protocol):
                          ref.server_name.decode())
                 self.pool.registry.retire(ref)
         if head == PARSE and self.client is not None:
-            # The client's unnamed Parse failed: directly it has no unnamed statement now. (One
-            # skipped after another request's error leaves the one before; the pooler keeps its
-            # latest Parse then: known difference if the texts differ, docs/protocol.md.)
+            # The client's unnamed Parse failed: directly it has no unnamed statement now.
             self.client.on_parse_failed(b"", None)
+        elif self.client is not None:
+            # Unnamed Parses of this batch after the failed request are skipped: directly the
+            # client's unnamed statement is the last one before them (unless a later batch,
+            # already sent, parses one again).
+            pending = self.pending
+            sync_at = pending.find(SYNC)
+            skipped = pending.count(PARSE, 1, None if sync_at < 0 else sync_at)
+            if skipped and (sync_at < 0 or pending.find(PARSE, sync_at) < 0):
+                self.client.on_unnamed_parses_skipped(skipped)
         self.skip_to_sync()
         return True
 

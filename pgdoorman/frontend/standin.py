@@ -40,3 +40,6 @@ class StandIn:
 
     def on_query_skipped(self) -> None:
         pass
+
+    def on_unnamed_parses_skipped(self, count: int) -> None:
+        pass

@@ -337,6 +337,18 @@ class StatementMapping:
         if self._unnamed is None:
             self._unnamed = self._unnamed_saved
 
+    def on_unnamed_parses_skipped(self, count: int) -> None:
+        """The last `count` unnamed Parses it sent are skipped (a failed batch): its unnamed
+        statement is the one before them, as directly, when the read they came in is still at
+        hand; otherwise the latest Parse stays (docs/protocol.md: known difference)."""
+        src = self._unnamed
+        if not isinstance(src, tuple):
+            return
+        parses = _unnamed_parses(*src)
+        if len(parses) > count:
+            start, stop = parses[-1 - count]
+            self._unnamed = bytes(src[0][start:stop])
+
     def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None:
         """This client's Parse of name failed or was skipped: the name does not exist (unless a
         later Parse, already answered by the pooler, gave it again)."""
@@ -348,15 +360,21 @@ class StatementMapping:
             del self.stmts[name]
 
 
-def _last_unnamed_parse(data: bytes | bytearray, start: int, end: int) -> bytes | None:
-    """The last whole unnamed Parse in the messages data[start:end], unless a Query follows it."""
-    found = None
+def _unnamed_parses(data: bytes | bytearray, start: int, end: int) -> list[tuple[int, int]]:
+    """Where the whole unnamed Parses in the messages data[start:end] are, after the last Query."""
+    found: list[tuple[int, int]] = []
     pos, n = start, len(data)
     while pos + 5 <= end:
         kind, stop = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
         if kind == 81:
-            found = None
+            found = []
         elif kind == 80 and stop <= n and data[pos + 5] == 0:
-            found = (pos, stop)
+            found.append((pos, stop))
         pos = stop
-    return None if found is None else bytes(data[found[0] : found[1]])
+    return found
+
+
+def _last_unnamed_parse(data: bytes | bytearray, start: int, end: int) -> bytes | None:
+    """The last whole unnamed Parse in the messages data[start:end], unless a Query follows it."""
+    found = _unnamed_parses(data, start, end)
+    return bytes(data[found[-1][0] : found[-1][1]]) if found else None

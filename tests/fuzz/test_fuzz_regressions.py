@@ -44,6 +44,25 @@ REGRESSIONS = [
     pytest.param([
         Step((Query('SELECT 1'), Terminate())),
     ], BOTH, id="case6-query-then-terminate"),
+    # Session 6 (found by test_fuzz): a batch whose Bind fails after a successful unnamed Parse
+    # (INSERT, two parameters) skips a later Parse; the next batch's Bind without Parse must still
+    # meet the INSERT (08P01 "requires 2"). The victim had used the server in between, so the
+    # pooler parsed its record again: the skipped SELECT 1 / $1 (22P02), the old known difference.
+    pytest.param([
+        Step((Parse('SELECT id, v FROM fz_t ORDER BY id'), Bind(), Execute(), Bind(params=('1',)), Execute(),
+              Sync())),
+        Step((Query('SELECT pg_sleep(1)'),), cancel=True),
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+        Step((Query('SELECT 1/0'),)),
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(max_rows=2),
+              Parse('INSERT INTO fz_t VALUES ($1::int, $2)'), Describe(what='S'), Bind(params=('5',)),
+              Execute(), Parse('SELECT 1 / $1::int'), Bind(params=('0',), portal='p1'), Execute(portal='p1'),
+              Sync())),
+        Step((Bind(params=("it's",)), Execute(), Parse('SELECT 1 / $1::int'), Bind(portal='p1'),
+              Execute(portal='p1'), Parse('SELEC $1'), Describe(what='S'),
+              Bind(params=("it's",), portal='p1'),
+              Execute(portal='p1'), Sync())),
+    ], TX, id="skipped-parse-after-failed-bind"),
     # case 11 (each client's unnamed statement is its own): the unnamed statement a client parsed
     # lives on after Sync until its next Parse or Query, so a later Bind without Parse runs it
     # directly. Through the pooler in transaction mode: 26000 "unnamed prepared statement does not
