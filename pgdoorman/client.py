@@ -912,13 +912,18 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         """A request that mentions "listen" (UNLISTEN, pg_listening_channels()) must see this
         client's channels on its server, as directly: LISTEN them there first, in a transaction
         of the pooler's own (so only between the client's transactions), and read back after."""
-        if self.mode == SESSION or b"listen" not in data.lower():
+        lowered = data.lower()
+        if self.mode == SESSION or b"listen" not in lowered:
             return
         if server.listening:  # it has them all already: read back after this request
             server.settings_dirty = True
             return
         if (self._skip or self._drop or server.status != _STATUS_IDLE or server.unsynced
                 or server.copy_in or not _only_pooler_queries(server.pending)):
+            if b"unlisten" in lowered:
+                log.warning("%s: an UNLISTEN inside a transaction the pooler cannot see: it keeps"
+                            " listening to %s (use autocommit for UNLISTEN)", self.id,
+                            ", ".join(sorted(self.channels)))
             return
         server.send_hidden(listen_sql(self.channels))
         server.listening = server.settings_dirty = True

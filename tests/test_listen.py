@@ -270,3 +270,20 @@ def test_listener_counts():
     assert a.got == [("y", note)] and b.got == [("y", note)]
     hub.drop(a)
     assert hub.stats()["channels"] == 1 and hub.stats()["notifications"] == 2
+
+
+def test_unlisten_inside_a_transaction_block_is_not_seen_but_logged(make_pooler):
+    """The documented gap: an UNLISTEN in a transaction block opened by an earlier request (psycopg
+    without autocommit sends BEGIN alone) runs on a server that does not listen; the client keeps
+    its subscription, and the pooler says so in its log."""
+    p = make_pooler()
+    with pconnect(p) as a, pconnect(p) as b:
+        a.execute("LISTEN kept_in_tx")
+        _moved()
+        a.execute("BEGIN")
+        a.execute("SELECT 1")
+        a.execute("UNLISTEN kept_in_tx")
+        a.execute("COMMIT")
+        b.execute("NOTIFY kept_in_tx, 'still'")
+        assert _notifies(a) == [("kept_in_tx", "still")]
+        _wait_for(lambda: "UNLISTEN inside a transaction the pooler cannot see" in p.log())
