@@ -163,6 +163,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         # This client's unnamed statement (see _note_unnamed), for a Bind on another server.
         self._unnamed: tuple[bytes, int, int] | bytes | None = None
         self._unnamed_saved: tuple[bytes, int, int] | bytes | None = None
+        self._unnamed_before: tuple[bytes, int, int] | bytes | None = None  # the one before _unnamed
         # Statements it closed while replies were still owed: their names, for those errors.
         self._closed: dict[Statement, bytes] = {}
         self._drop = 0  # bytes of a replaced request still to come: dropped
@@ -610,7 +611,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     if seen & SAW_PARSE:
                         server.unnamed_owner = None if seen & SAW_QUERY else self
                         if type(data) is bytes and n <= UNNAMED_KEEP:
-                            self._unnamed = (data, scan_start, pos)  # _note_unnamed's usual case
+                            # _note_unnamed's usual case
+                            self._unnamed_before, self._unnamed = self._unnamed, (data, scan_start, pos)
                         else:
                             self._note_unnamed(data, scan_start, pos)
                     else:

@@ -62,8 +62,8 @@ UNNAMED_KEEP = 4096  # a read up to this size is kept by reference for _unnamed_
 class StatementMapping:
     """The statement half of a ClientConn (which provides the attributes declared here)."""
 
-    __slots__ = ("_closed", "_dropping", "_hold_prefix", "_no_verify", "_unnamed", "_unnamed_saved",
-                 "_verify_hold", "stmts")
+    __slots__ = ("_closed", "_dropping", "_hold_prefix", "_no_verify", "_unnamed", "_unnamed_before",
+                 "_unnamed_saved", "_verify_hold", "stmts")
 
     if TYPE_CHECKING:
         pool: Pool | None
@@ -74,6 +74,7 @@ class StatementMapping:
         _stmt_cap: int
         _unnamed: tuple[bytes, int, int] | bytes | None
         _unnamed_saved: tuple[bytes, int, int] | bytes | None
+        _unnamed_before: tuple[bytes, int, int] | bytes | None
         _closed: dict[Statement, bytes]
         _verify_hold: bytearray | None
         _hold_prefix: bytes
@@ -129,6 +130,7 @@ class StatementMapping:
     def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
         """data[start:end] holds this client's latest unnamed Parse (or a Query after it). Kept by
         reference while small and immutable; read only if a later Bind needs it (_unnamed_guard)."""
+        self._unnamed_before = self._unnamed  # (on_unnamed_parses_skipped)
         if type(data) is bytes and len(data) <= UNNAMED_KEEP:
             self._unnamed = (data, start, end)
         else:
@@ -344,10 +346,14 @@ class StatementMapping:
         src = self._unnamed
         if not isinstance(src, tuple):
             return
-        parses = _unnamed_parses(*src)
+        parses, after_query = _unnamed_parses(*src)
         if len(parses) > count:
             start, stop = parses[-1 - count]
             self._unnamed = bytes(src[0][start:stop])
+        elif len(parses) == count:  # all of that read's: the one before it, or none after a Query
+            before = self._unnamed_before
+            self._unnamed = None if after_query else (
+                _last_unnamed_parse(*before) if isinstance(before, tuple) else before)
 
     def on_parse_failed(self, name: bytes, stmt: Statement | None) -> None:
         """This client's Parse of name failed or was skipped: the name does not exist (unless a
@@ -360,21 +366,23 @@ class StatementMapping:
             del self.stmts[name]
 
 
-def _unnamed_parses(data: bytes | bytearray, start: int, end: int) -> list[tuple[int, int]]:
-    """Where the whole unnamed Parses in the messages data[start:end] are, after the last Query."""
+def _unnamed_parses(data: bytes | bytearray, start: int, end: int) -> tuple[list[tuple[int, int]], bool]:
+    """Where the whole unnamed Parses in the messages data[start:end] are, after the last Query,
+    and whether there was a Query (which drops the unnamed statement)."""
     found: list[tuple[int, int]] = []
+    query = False
     pos, n = start, len(data)
     while pos + 5 <= end:
         kind, stop = data[pos], pos + 1 + _unpack_len(data, pos + 1)[0]
         if kind == 81:
-            found = []
+            found, query = [], True
         elif kind == 80 and stop <= n and data[pos + 5] == 0:
             found.append((pos, stop))
         pos = stop
-    return found
+    return found, query
 
 
 def _last_unnamed_parse(data: bytes | bytearray, start: int, end: int) -> bytes | None:
     """The last whole unnamed Parse in the messages data[start:end], unless a Query follows it."""
-    found = _unnamed_parses(data, start, end)
+    found = _unnamed_parses(data, start, end)[0]
     return bytes(data[found[-1][0] : found[-1][1]]) if found else None

@@ -63,6 +63,25 @@ REGRESSIONS = [
               Bind(params=("it's",), portal='p1'),
               Execute(portal='p1'), Sync())),
     ], TX, id="skipped-parse-after-failed-bind"),
+    # The same, found next: every unnamed Parse of the failed batch is skipped (the error is a
+    # named statement's Execute before them); the unnamed statement is the one before the batch,
+    # here none (the Query of step 3 dropped it): 26000 directly, not the skipped SELECT 1 / $1.
+    pytest.param([
+        Step((Parse('SELECT $1::int + 1'), Bind(params=('1',)), Execute(), Sync())),
+        Step((Query('SELECT 1/0'),)),
+        Step((Parse('SELECT 1 / $1::int', name='s1'), Bind(params=('0',), stmt='s1'), Execute(max_rows=2),
+              Parse('INSERT INTO fz_t VALUES ($1::int, $2)'), Describe(what='S'), Bind(params=('5',)),
+              Execute(), Parse('SELECT 1 / $1::int'), Bind(params=('0',), portal='p1'), Execute(portal='p1'),
+              Sync())),
+        Step((Bind(params=("it's",)), Execute(), Sync())),
+    ], TX, id="all-unnamed-parses-of-failed-batch-skipped"),
+    # And with a Parse before the batch: that one is the unnamed statement after it.
+    pytest.param([
+        Step((Parse('SELECT length($1)'), Bind(params=('ab',)), Execute(), Sync())),
+        Step((Parse('SELECT 1 / $1::int', name='s2'), Bind(params=('0',), stmt='s2'), Execute(),
+              Parse('SELECT $1::int + 1'), Sync())),
+        Step((Bind(params=("it's",)), Execute(), Sync())),
+    ], TX, id="skipped-parse-leaves-the-one-before"),
     # case 11 (each client's unnamed statement is its own): the unnamed statement a client parsed
     # lives on after Sync until its next Parse or Query, so a later Bind without Parse runs it
     # directly. Through the pooler in transaction mode: 26000 "unnamed prepared statement does not
