@@ -835,9 +835,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         """A request that may change session settings: read them back after its transaction,
         custom ones by the names it gives. (One that only calls nextval/setval marks the server
         for DISCARD SEQUENCES before its next other client instead.)"""
-        if any(mark in sql.lower() for mark in SEQUENCE_MARKS):
+        text = bytes(sql).lower()
+        if any(mark in text for mark in SEQUENCE_MARKS):
             server.sequences_used = True
-            if not changes_settings(sql):
+            if not changes_settings(text):
                 return
         server.settings_dirty = True
         for name in custom_names(sql):

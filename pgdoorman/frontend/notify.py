@@ -120,7 +120,7 @@ class Listener(StandIn):
     def update(self, client: Subscriber, old: frozenset[str], new: frozenset[str]) -> None:
         for channel in old - new:
             self._unsubscribe(client, channel)
-        added = [channel for channel in new - old]
+        added = new - old
         for channel in added:
             self.subscribers.setdefault(channel, set()).add(client)
         self._listen([channel for channel in added if channel not in self.listening

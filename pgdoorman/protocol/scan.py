@@ -81,10 +81,9 @@ def mentions_session_state(data: bytes | bytearray, start: int, end: int) -> boo
     return any(mark in text for mark in _SESSION_MARKS) or any(mark in text for mark in SEQUENCE_MARKS)
 
 
-def changes_settings(sql: bytes | bytearray) -> bool:
-    """Of the texts mentions_session_state flags, those the session read-back is for (the rest
-    only call sequence functions)."""
-    text = bytes(sql).lower()
+def changes_settings(text: bytes) -> bool:
+    """Of the texts mentions_session_state flags (here in lower case), those the session read-back
+    is for (the rest only call sequence functions)."""
     return (text[:3] == b"set" and text[3:4] in (b" ", b"\t", b"\n", b"\r")) or any(
         mark in text for mark in _SESSION_MARKS)
 
