@@ -15,6 +15,7 @@ dies, and on SIGTERM/SIGINT stops the workers and waits for them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
@@ -23,12 +24,17 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from pgdoorman import channel
-from pgdoorman.channel import Load
-from pgdoorman.config import Config, pool_keys, pool_share
+from pgdoorman import channel, sdnotify
+from pgdoorman.admin import coordinate
+from pgdoorman.channel import Assembler, Load
+from pgdoorman.config import Config, ConfigError, pool_keys, pool_share
 from pgdoorman.listen import listening_sockets
+from pgdoorman.logs import set_log_level
+from pgdoorman.metrics.http import MetricsServer
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
@@ -47,6 +53,15 @@ IMBALANCE_SLACK = 0.0005
 
 
 @dataclass(eq=False)
+class Fanout:
+    """A control request out to every worker: the answers so far, and who still owes one."""
+
+    waiting: set[int]
+    results: dict[int, Any]
+    done: Callable[[list[Any]], None]
+
+
+@dataclass(eq=False)
 class Worker:
     index: int
     proc: subprocess.Popen[bytes] | None = None
@@ -54,7 +69,9 @@ class Worker:
     clients: int = 0  # handed over and not yet reported gone
     started: float = 0.0
     restart_at: float = 0.0
-    backlog: deque[tuple[bytes, socket.socket]] = field(default_factory=deque)  # channel was full
+    # channel was full: client hand-overs (with their socket) and control packets (None)
+    backlog: deque[tuple[bytes, socket.socket | None]] = field(default_factory=deque)
+    parts: Assembler = field(default_factory=Assembler)
     # pool index -> (clients, waiters, oldest wait s, free servers, mean wait s), latest LOAD report
     loads: dict[int, Load] = field(default_factory=dict)
     loads_at: float = 0.0
@@ -68,15 +85,25 @@ class Acceptor:
         # (database, user) -> the workers that have servers for that pool; and by pool index
         self._capable: dict[tuple[str, str], list[Worker]] = {}
         self._shares: list[list[int]] = []  # pool index -> each worker's pool_size share
-        for index, (db, user) in enumerate(pool_keys(config)):
-            size = config.pools[db].users[user].pool_size
-            shares = [pool_share(size, index, w.index, workers) for w in self.workers]
-            self._shares.append(shares)
-            self._capable[(db, user)] = [w for w in self.workers if shares[w.index] > 0]
+        self._plan_shares(config)
         self._moved_keys: dict[tuple[int, int], Worker] = {}  # cancel keys of clients that moved
         self._balanced_at: dict[int, float] = {}  # pool index -> when clients last moved
         self._stopped = asyncio.Event()
         self._listeners: list[socket.socket] = []
+        self._fanouts: dict[int, Fanout] = {}
+        self._fanout_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.shutdown_mode = ""
+        self._shutdown_deadline = 0.0
+        self._metrics: MetricsServer | None = None
+
+    def _plan_shares(self, config: Config) -> None:
+        self._capable, self._shares = {}, []
+        for index, (db, user) in enumerate(pool_keys(config)):
+            size = config.pools[db].users[user].pool_size
+            shares = [pool_share(size, index, w.index, len(self.workers)) for w in self.workers]
+            self._shares.append(shares)
+            self._capable[(db, user)] = [w for w in self.workers if shares[w.index] > 0]
 
     # --- routing ---
 
@@ -144,19 +171,135 @@ class Acceptor:
             assert worker.channel is not None
             asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
 
-    def _try_send(self, worker: Worker, message: bytes, sock: socket.socket) -> bool:
-        """False when the channel is full (try again when writable); else the socket is handed over."""
+    def _try_send(self, worker: Worker, message: bytes, sock: socket.socket | None) -> bool:
+        """False when the channel is full (try again when writable); else the socket is handed over
+        (sock None: a control packet)."""
         try:
             if worker.channel is None:
                 raise OSError("worker not running")
-            channel.send(worker.channel, message, sock.fileno())
+            channel.send(worker.channel, message, None if sock is None else sock.fileno())
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
+            if sock is None:
+                return True  # the worker is gone: its fan-outs are settled when it is reaped
             log.warning("client hand-over to worker %d failed: %s", worker.index, exc)
             worker.clients -= 1
-        sock.close()
+        if sock is not None:
+            sock.close()
         return True
+
+    def _send_control(self, worker: Worker, packets: Any) -> None:
+        for packet in packets:
+            if worker.backlog or not self._try_send(worker, packet, None):
+                if not worker.backlog and worker.channel is not None:
+                    asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
+                worker.backlog.append((packet, None))
+
+    # --- control: console requests, reload, shutdown (see admin/) ---
+
+    def _broadcast(self, request: dict[str, Any], done: Callable[[list[Any]], None]) -> None:
+        live = [w for w in self.workers if w.channel is not None]
+        if not live:
+            done([])
+            return
+        fanout_id = next(self._fanout_ids)
+        self._fanouts[fanout_id] = Fanout({w.index for w in live}, {}, done)
+        for worker in live:
+            self._send_control(worker, channel.parts(channel.REQUEST, fanout_id, request))
+
+    def _answered(self, worker: Worker, fanout_id: int, result: Any) -> None:
+        fanout = self._fanouts.get(fanout_id)
+        if fanout is None:
+            return
+        fanout.results[worker.index] = result
+        fanout.waiting.discard(worker.index)
+        self._settle(fanout_id)
+
+    def _settle(self, fanout_id: int) -> None:
+        fanout = self._fanouts[fanout_id]
+        if not fanout.waiting:
+            del self._fanouts[fanout_id]
+            fanout.done([fanout.results[i] for i in sorted(fanout.results)])
+
+    async def _to_all(self, request: dict[str, Any]) -> list[Any]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._broadcast(request, lambda results: None if future.done() else future.set_result(results))
+        return await future
+
+    async def ask(self, request: dict[str, Any]) -> list[Any]:
+        """Every worker's answer to a console request, after what the acceptor does once for the
+        whole pooler (admin/coordinate.py)."""
+        op = request["op"]
+        if op in ("reload", "set"):
+            try:
+                config = coordinate.next_config(request, self.config)
+            except ConfigError as exc:
+                log.error("%s refused, the running config is kept: %s", op.upper(), exc)
+                return [{"error": str(exc)}]
+            sdnotify.notify("RELOADING=1")
+            self.apply_config(config)
+            results = await self._to_all({"op": "reload", "text": config.text, "path": config.path})
+            restart = sorted({k for r in results if isinstance(r, dict) for k in r.get("restart", ())})
+            log.info("%s: config %s applied to %d workers%s", op.upper(), config.path, len(results),
+                     f"; {coordinate.restart_note(restart)}" if restart else "")
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
+            return results
+        if op == "shutdown":
+            self.begin_shutdown(request["mode"])
+            return [True]
+        return await self._to_all(request)
+
+    async def _serve_request(self, worker: Worker, request_id: int, request: dict[str, Any]) -> None:
+        results = await self.ask(request)
+        self._send_control(worker, channel.parts(channel.REPLY, request_id, results))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def apply_config(self, config: Config) -> None:
+        self.config = config
+        set_log_level(config.general.log_level)
+        self._plan_shares(config)
+
+    def status_line(self) -> str:
+        return f"{sum(w.clients for w in self.workers)} clients, {len(self.workers)} workers"
+
+    def begin_shutdown(self, mode: str) -> None:
+        """Stop accepting, and have every worker shut down in this mode (App.begin_shutdown)."""
+        if self.shutdown_mode == coordinate.IMMEDIATE:
+            return
+        first = not self.shutdown_mode
+        self.shutdown_mode = mode
+        if first:
+            sdnotify.notify("STOPPING=1")
+            loop = asyncio.get_running_loop()
+            for listener in self._listeners:
+                loop.remove_reader(listener.fileno())
+                listener.close()
+            self._listeners = []
+            timeout = self.config.general.shutdown_timeout
+            self._shutdown_deadline = time.monotonic() + timeout + STOP_GRACE if timeout else 0.0
+            log.info("shutting down (%s): %s", mode, self.status_line())
+        if mode == coordinate.IMMEDIATE:
+            soon = time.monotonic() + STOP_GRACE
+            self._shutdown_deadline = min(self._shutdown_deadline or soon, soon)
+        self._broadcast({"op": "shutdown", "mode": mode}, lambda _results: None)
+        self._stopped.set()
+
+    def _signalled(self, mode: str) -> None:
+        if self.shutdown_mode and mode != coordinate.IMMEDIATE:
+            mode = coordinate.IMMEDIATE  # a second SIGTERM or SIGINT
+        log.info("signal: shutdown (%s)", mode)
+        self.begin_shutdown(mode)
+
+    def _reload_signal(self) -> None:
+        log.info("signal: reload")
+        self._spawn_task(self.ask({"op": "reload"}))
+
+
 
     def _flush(self, worker: Worker) -> None:
         while worker.backlog:
@@ -192,6 +335,14 @@ class Acceptor:
                 pid, key = channel.unpack(data)
                 if self._moved_keys.get((pid, key)) is worker:
                     del self._moved_keys[(pid, key)]
+            elif kind == channel.REQUEST or kind == channel.REPLY:
+                whole = worker.parts.feed(data)
+                if whole is not None:
+                    request_id, payload = whole
+                    if kind == channel.REPLY:
+                        self._answered(worker, request_id, payload)
+                    else:
+                        self._spawn_task(self._serve_request(worker, request_id, payload))
             elif kind == channel.MOVED_CLIENT and fd is not None:
                 self._pass_on(worker, data, socket.socket(fileno=fd))
             elif kind == channel.REROUTE and fd is not None:
@@ -269,12 +420,17 @@ class Acceptor:
 
     def _spawn(self, worker: Worker) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The running config goes along (the file may have changed since, or be broken)
+        text = os.memfd_create("pgdoorman-config")
+        os.write(text, self.config.text.encode())
+        os.lseek(text, 0, os.SEEK_SET)
         argv = [*self._worker_argv, "--worker", f"{worker.index}/{len(self.workers)}",
-                "--channel-fd", str(theirs.fileno())]
+                "--channel-fd", str(theirs.fileno()), "--config-fd", str(text)]
         try:
-            worker.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()])
+            worker.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), text])
         finally:
             theirs.close()
+            os.close(text)
         ours.setblocking(False)
         worker.channel = ours
         worker.started = time.monotonic()
@@ -285,16 +441,25 @@ class Acceptor:
         """A worker died: its clients are gone with it; drop its channel and plan the restart."""
         assert worker.proc is not None
         loop = asyncio.get_running_loop()
-        log.error("worker %d (pid %d) exited with code %s; restarting it", worker.index, worker.proc.pid,
-                  worker.proc.returncode)
+        if self.shutdown_mode:
+            log.info("worker %d (pid %d) stopped", worker.index, worker.proc.pid)
+        else:
+            log.error("worker %d (pid %d) exited with code %s; restarting it", worker.index, worker.proc.pid,
+                      worker.proc.returncode)
         if worker.channel is not None:
             loop.remove_reader(worker.channel.fileno())
             loop.remove_writer(worker.channel.fileno())
             worker.channel.close()
             worker.channel = None
         for _packet, sock in worker.backlog:
-            sock.close()
+            if sock is not None:
+                sock.close()
         worker.backlog.clear()
+        worker.parts = Assembler()
+        for fanout_id, fanout in list(self._fanouts.items()):
+            if worker.index in fanout.waiting:
+                fanout.waiting.discard(worker.index)
+                self._settle(fanout_id)
         worker.clients = 0
         worker.loads = {}
         self._moved_keys = {k: w for k, w in self._moved_keys.items() if w is not worker}
@@ -308,7 +473,7 @@ class Acceptor:
             for worker in self.workers:
                 if worker.proc is not None and worker.proc.poll() is not None:
                     self._reap(worker)
-                if worker.proc is None and time.monotonic() >= worker.restart_at:
+                if worker.proc is None and time.monotonic() >= worker.restart_at and not self.shutdown_mode:
                     try:
                         self._spawn(worker)
                     except OSError as exc:
@@ -323,35 +488,43 @@ class Acceptor:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        for sig, mode in ((signal.SIGTERM, coordinate.WAIT_FOR_CLIENTS),
+                          (signal.SIGINT, coordinate.WAIT_FOR_SERVERS),
+                          (signal.SIGQUIT, coordinate.IMMEDIATE)):
+            loop.add_signal_handler(sig, self._signalled, mode)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
         self._listeners = listening_sockets(self.config.general)
         for listener in self._listeners:
             loop.add_reader(listener.fileno(), self._accept, listener)
         for worker in self.workers:
             self._spawn(worker)
         supervisor = loop.create_task(self._supervise())
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
+        prometheus = self.config.prometheus
+        if prometheus.enabled:
+            self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
+            await self._metrics.start(prometheus.host, prometheus.port)
+        sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
         await self._stopped.wait()
-        log.info("shutting down: pooler shutting down")
+        await self._wait_workers()
         supervisor.cancel()
-        for listener in self._listeners:
-            loop.remove_reader(listener.fileno())
-            listener.close()
-        await self._stop_workers()
+        if self._metrics is not None:
+            self._metrics.close()
 
-    async def _stop_workers(self) -> None:
-        procs = [w.proc for w in self.workers if w.proc is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    async def _wait_workers(self) -> None:
+        """The workers shut down as told (begin_shutdown); past shutdown_timeout and STOP_GRACE
+        (or STOP_GRACE after an immediate shutdown) the ones left are killed."""
+        while True:
+            procs = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+            if not procs:
+                return
+            deadline = self._shutdown_deadline
+            if deadline and time.monotonic() >= deadline:
+                for proc in procs:
+                    log.warning("worker pid %d did not stop in time: killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+                return
             await asyncio.sleep(0.05)
-        for proc in procs:
-            if proc.poll() is None:
-                log.warning("worker pid %d did not stop in %.0f s: killing it", proc.pid, STOP_GRACE)
-                proc.kill()
-                proc.wait()
 
 
 def worker_argv(config_path: str | None, log_level: str | None) -> list[str]:

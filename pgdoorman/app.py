@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -11,13 +12,19 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
-from pgdoorman import channel, ids
+from pgdoorman import channel, ids, sdnotify
+from pgdoorman.admin import coordinate
+from pgdoorman.admin.console import AdminConn
+from pgdoorman.admin.worker import WorkerControl
 from pgdoorman.auth import auth_key
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
-from pgdoorman.config import Config, pool_keys, pool_share
+from pgdoorman.config import RESTART_KEYS, Config, ConfigError, parse_config, pool_keys, pool_share
 from pgdoorman.listen import listening_sockets, serve_on
+from pgdoorman.logs import set_log_level
+from pgdoorman.metrics.http import MetricsServer
 from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
 
@@ -35,33 +42,138 @@ class App:
         self.config = config
         ids.configure(worker, workers)
         self.cancels = CancelRegistry(worker, workers)
-        # Salts of mock and plain-password SCRAM exchanges (auth/mock.py): the same in every worker.
-        self.auth_key = auth_key(secret for pool in config.pools.values() for user in pool.users.values()
-                                 for secret in (user.password, user.server_password) if secret)
+        self.auth_key = b""
         self.clients: set[ClientConn] = set()
         self.pools: dict[tuple[str, str], Pool] = {}
-        for index, (db, user) in enumerate(pool_keys(config)):
-            pool_cfg = config.pools[db]
-            user_cfg = pool_cfg.users[user]
-            self.pools[(db, user)] = Pool(
-                pool_cfg, user_cfg, config.general,
-                pool_size=pool_share(user_cfg.pool_size, index, worker, workers),
-                min_pool_size=pool_share(user_cfg.min_pool_size, index, worker, workers))
-        self._pool_list = list(self.pools.values())  # by pool index, as the acceptor numbers them
+        self._pool_list: list[Pool] = []  # by pool index, as the acceptor numbers them
+        self.worker = worker
         self._worker = worker
         self._workers = workers
         self._reported_load = False
         self._channel: socket.socket | None = None
+        self._outbox: channel.Outbox | None = None
+        self._parts = channel.Assembler()
+        self._asks: dict[int, asyncio.Future[list[Any]]] = {}  # console requests out to all workers
+        self._ask_ids = itertools.count(1)
         self._closed_unreported = 0  # client closes the acceptor has not been told of yet
         self._adopting: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._stopped = asyncio.Event()
         self._tick: asyncio.Task[None] | None = None
+        self.control = WorkerControl(self)
+        self.paused_dbs: set[str] = set()  # PAUSE/KILL: "" stands for every database
+        self.disabled_dbs: set[str] = set()
+        self.shutdown_mode = ""  # wait_for_clients, wait_for_servers or immediate once shutting down
+        self._shutdown_deadline = 0.0
+        self._period_at = time.monotonic()
+        self._draining: list[Pool] = []  # taken out of the config by a reload, clients still there
+        self._metrics: MetricsServer | None = None
+        self.apply_config(config)
+
+    def is_paused(self, database: str) -> bool:
+        return "" in self.paused_dbs or database in self.paused_dbs
+
+    def apply_config(self, config: Config) -> list[str]:
+        """Take a (re)loaded config; returns the changed keys that need a restart."""
+        old = self.config
+        restart = [key for key in RESTART_KEYS if getattr(old.general, key) != getattr(config.general, key)]
+        if old.prometheus != config.prometheus:
+            restart.append("prometheus")
+        self.config = config
+        set_log_level(config.general.log_level)
+        # Salts of mock and plain-password SCRAM exchanges (auth/mock.py): the same in every worker.
+        self.auth_key = auth_key(secret for pool in config.pools.values() for user in pool.users.values()
+                                 for secret in (user.password, user.server_password) if secret)
+        worker, workers = self._worker, self._workers
+        keys = pool_keys(config)
+        pools: dict[tuple[str, str], Pool] = {}
+        for index, (db, user) in enumerate(keys):
+            pool_cfg = config.pools[db]
+            user_cfg = pool_cfg.users[user]
+            size = pool_share(user_cfg.pool_size, index, worker, workers)
+            min_size = pool_share(user_cfg.min_pool_size, index, worker, workers)
+            pool = self.pools.get((db, user))
+            if pool is None:
+                pool = Pool(pool_cfg, user_cfg, config.general, pool_size=size, min_pool_size=min_size)
+                if self.is_paused(db):
+                    pool.pause()
+            else:
+                pool.configure(pool_cfg, user_cfg, config.general, size, min_size)
+                pool.grow_for_waiters()  # a larger pool_size serves those waiting at once
+            pools[(db, user)] = pool
+        for key, pool in self.pools.items():
+            if key not in pools:
+                log.info("%s: no longer in the config: takes no new clients, closes when its %d "
+                         "clients have gone", pool.name, pool.clients)
+                pool.removed = True
+                self._draining.append(pool)
+        self.pools = pools
+        self._pool_list = [pools[key] for key in keys]
+        return restart
+
+    def reload_text(self, text: str, path: str) -> dict[str, Any]:
+        """A worker's part of RELOAD / SET: the acceptor checked the text already."""
+        try:
+            config = parse_config(text, path)
+        except ConfigError as exc:  # cannot happen after the acceptor's check; kept serving
+            return {"error": str(exc)}
+        return {"restart": self.apply_config(config)}
 
     # --- used by clients ---
 
     def pool_for(self, database: str, user: str) -> Pool | None:
         return self.pools.get((database, user))
+
+    def login_refusal(self, database: str) -> tuple[str, str] | None:
+        """Why a new client of this database is refused (DISABLE, shutdown), or None."""
+        if database in self.disabled_dbs:
+            return codes.OBJECT_NOT_IN_PREREQUISITE_STATE, (
+                f'database "{database}" is not currently accepting connections (DISABLE)')
+        if self.shutdown_mode:
+            return codes.CANNOT_CONNECT_NOW, "the database system is shutting down"
+        return None
+
+    def admin_login(self, client: ClientConn, startup: dict[str, str], rest: bytes) -> None:
+        """A client asked for the console database: it becomes an admin session (admin/console.py)."""
+        transport = client.transport
+        client.hand_over()
+        console = AdminConn(self, startup, client.peer)
+        transport.set_protocol(console)
+        console.connection_made(transport)
+        if rest:
+            console.data_received(rest)
+
+    async def ask(self, request: dict[str, Any]) -> list[Any]:
+        """Every worker's answer to a console request (this one's alone with one process)."""
+        if self._outbox is None:
+            return await coordinate.single(self, request)
+        request_id = next(self._ask_ids)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._asks[request_id] = future
+        self._outbox.put(channel.parts(channel.REQUEST, request_id, request))
+        try:
+            return await future
+        finally:
+            self._asks.pop(request_id, None)
+
+    async def answer(self, request: dict[str, Any]) -> Any:
+        try:
+            return await self.control.handle(request)
+        except Exception as exc:
+            log.exception("console request %s failed", request.get("op"))
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def _answer_acceptor(self, request_id: int, request: dict[str, Any]) -> None:
+        log.debug("worker %d: console request %s", self._worker, request.get("op"))
+        result = await self.answer(request)
+        if self._outbox is not None:
+            self._outbox.put(channel.parts(channel.REPLY, request_id, result))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def client_connected(self, client: ClientConn) -> None:
         self.clients.add(client)
@@ -91,12 +203,28 @@ class App:
 
     async def start(self, channel_fd: int | None = None) -> None:
         loop = asyncio.get_running_loop()
+        # Before listening: a signal must never find the default action (SIGHUP would kill us).
+        if channel_fd is None:
+            for sig, mode in ((signal.SIGTERM, coordinate.WAIT_FOR_CLIENTS),
+                              (signal.SIGINT, coordinate.WAIT_FOR_SERVERS),
+                              (signal.SIGQUIT, coordinate.IMMEDIATE)):
+                loop.add_signal_handler(sig, self._signalled, mode)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
+        else:  # the acceptor decides, and tells every worker (acceptor.py)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, lambda: None)
+            loop.add_signal_handler(signal.SIGQUIT, self.begin_shutdown, coordinate.IMMEDIATE)
         if channel_fd is None:
             socks = listening_sockets(self.config.general)
             self._listeners = await serve_on(socks, lambda: ClientConn(self))
+            prometheus = self.config.prometheus
+            if prometheus.enabled:
+                self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
+                await self._metrics.start(prometheus.host, prometheus.port)
         else:
             self._channel = socket.socket(fileno=channel_fd)
             self._channel.setblocking(False)
+            self._outbox = channel.Outbox(self._channel)
             loop.add_reader(channel_fd, self._receive)
         for pool in self.pools.values():
             pool.maintain()  # opens min_pool_size servers
@@ -106,8 +234,64 @@ class App:
         # few hundred transactions.
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
+        if channel_fd is None:
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
+
+    def _reload_signal(self) -> None:
+        log.info("signal: reload")
+        self._spawn(coordinate.single(self, {"op": "reload"}))
+
+    def _signalled(self, mode: str) -> None:
+        """SIGTERM, SIGINT, SIGQUIT (single process): a second SIGTERM or SIGINT is immediate."""
+        if self.shutdown_mode and mode != coordinate.IMMEDIATE:
+            mode = coordinate.IMMEDIATE
+        log.info("signal: shutdown (%s)", mode)
+        self.begin_shutdown(mode)
+
+    def healthy(self) -> bool:
+        return not (self.shutdown_mode or self.paused_dbs)
+
+    def status_line(self) -> str:
+        servers = sum(len(pool.servers) for pool in self.pools.values())
+        return f"{len(self.clients)} clients, {servers} servers"
+
+    def begin_shutdown(self, mode: str) -> None:
+        """PgBouncer's SHUTDOWN, SHUTDOWN WAIT_FOR_SERVERS, SHUTDOWN WAIT_FOR_CLIENTS; bounded by
+        shutdown_timeout, after which the clients still there get FATAL 57P01."""
+        if self.shutdown_mode == coordinate.IMMEDIATE:
+            return
+        first = not self.shutdown_mode
+        self.shutdown_mode = mode
+        if first:
+            if self._channel is None:
+                sdnotify.notify("STOPPING=1")
+            timeout = self.config.general.shutdown_timeout
+            self._shutdown_deadline = time.monotonic() + timeout if timeout else 0.0
+            for listener in self._listeners:
+                listener.close()  # no new connections (the acceptor stops accepting likewise)
+            log.info("shutting down (%s): %d clients, %s", mode, len(self.clients),
+                     f"at most {timeout:g}s" if timeout else "no time limit")
+        if mode == coordinate.IMMEDIATE:
+            self._stopped.set()
+            return
+        if mode == coordinate.WAIT_FOR_SERVERS:
+            # As PAUSE, and the clients waiting for a server are told now.
+            for pool in self.pools.values():
+                pool.pause()
+                pool.fail_waiters("the pooler is shutting down", codes.ADMIN_SHUTDOWN)
+        self._shutdown_progress()
+
+    def _shutdown_progress(self) -> None:
+        mode = self.shutdown_mode
+        if not mode or self._stopped.is_set():
+            return
+        if self._shutdown_deadline and time.monotonic() >= self._shutdown_deadline:
+            log.warning("shutdown_timeout reached: %d clients are cut off", len(self.clients))
+            self._stopped.set()
+        elif mode == coordinate.WAIT_FOR_CLIENTS and not self.clients:
+            self._stopped.set()
+        elif mode == coordinate.WAIT_FOR_SERVERS and not any(pool.lent() for pool in self.pools.values()):
+            self._stopped.set()
 
     # --- worker side of the channel to the acceptor (see pgdoorman/acceptor.py, channel.py) ---
 
@@ -128,7 +312,17 @@ class App:
                 self._stopped.set()
                 return
             kind = data[0]
-            if kind == channel.MOVE_CLIENTS:
+            if kind == channel.REQUEST or kind == channel.REPLY:
+                whole = self._parts.feed(data)
+                if whole is not None:
+                    request_id, payload = whole
+                    if kind == channel.REQUEST:
+                        self._spawn(self._answer_acceptor(request_id, payload))
+                    else:
+                        future = self._asks.get(request_id)
+                        if future is not None and not future.done():
+                            future.set_result(payload)
+            elif kind == channel.MOVE_CLIENTS:
                 pool_index, count, to = channel.unpack(data)
                 self._move_clients(pool_index, count, to)
             elif fd is not None:
@@ -224,11 +418,13 @@ class App:
         log.info("shutting down: %s", reason)
         for listener in self._listeners:
             listener.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._tick is not None:
             self._tick.cancel()
         for client in list(self.clients):
             client.fatal(codes.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
-        for pool in self.pools.values():
+        for pool in [*self.pools.values(), *self._draining]:
             pool.close_all(reason)
         await asyncio.sleep(0)
 
@@ -241,8 +437,27 @@ class App:
                 self._expire_clients()
                 self._report_closed()
                 self._report_load()
+                self._housekeep_control()
             except Exception:  # housekeeping must never die
                 log.exception("housekeeping failed")
+
+    def _housekeep_control(self) -> None:
+        """Stats periods, pools removed by a reload, shutdown progress, the service manager."""
+        now = time.monotonic()
+        period = self.config.general.stats_period
+        if period and now - self._period_at >= period:
+            elapsed, self._period_at = now - self._period_at, now
+            for pool in self.pools.values():
+                last = pool.period.roll(pool.stats, pool.totals(), elapsed)
+                if last is not None and self.config.general.log_stats and (last["queries"] or last["waits"]):
+                    log.info("stats: %s: %s", pool.name, coordinate.stats_line(last, elapsed))
+            if self._channel is None:
+                sdnotify.notify(f"STATUS={self.status_line()}")
+        for pool in list(self._draining):
+            if not pool.clients:
+                self._draining.remove(pool)
+                pool.close_all("pool removed from the config")
+        self._shutdown_progress()
 
     def _expire_clients(self) -> None:
         g = self.config.general

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from pgdoorman import __version__
-from pgdoorman.config import Config, ConfigError, default_config, load_config, worker_count
+from pgdoorman.config import Config, ConfigError, default_config, load_config, parse_config, worker_count
+from pgdoorman.logs import force_log_level, setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,20 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     # Internal: how the acceptor starts worker I of N (see pgdoorman/acceptor.py).
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)  # the acceptor's running config
     return p
 
 
-def _load(path: str | None) -> Config:
+def _load(path: str | None, fd: int | None = None) -> Config:
+    if fd is not None:
+        with os.fdopen(fd, "rb") as f:
+            return parse_config(f.read().decode(), path or "<config>")
     return load_config(path) if path else default_config()
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        stream=sys.stderr,
-    )
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -56,14 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo()
     try:
-        config = _load(args.config)
+        config = _load(args.config, args.config_fd)
     except ConfigError as exc:
         print(f"pgdoorman: {exc}", file=sys.stderr)
         return 1
     if args.check_config:
         print(f"{config.path}: ok ({len(config.pools)} pools)")
         return 0
-    setup_logging(args.log_level or config.general.log_level)
+    if args.log_level:
+        force_log_level(args.log_level)
+    setup_logging(config.general.log_level, config.general.log_format)
     log = logging.getLogger("pgdoorman")
     try:
         if args.worker:

@@ -10,18 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
-from pgdoorman.auth import (
-    UNKNOWN,
-    AuthFailed,
-    ScramServer,
-    StoredSecret,
-    md5_verify,
-    mock_method,
-    mock_scram,
-    parse_secret,
-    plain_salt,
-)
+from pgdoorman.auth import UNKNOWN, AuthFailed, StoredSecret, mock_method, parse_secret
 from pgdoorman.frontend.notify import LISTEN_SQL, Listener, channels_read, listen_sql
+from pgdoorman.frontend.password import PasswordExchange
 from pgdoorman.frontend.pins import HELD_SQL, PIN, held_state, refusal
 from pgdoorman.frontend.settings import (
     MAX_CUSTOM_NAMES,
@@ -86,6 +77,7 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 _pack_hdr = struct.Struct("!cI").pack
 
 STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
+ADMIN_DATABASES = ("pgdoorman", "pgbouncer")  # the console's virtual database (admin/console.py)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
 
@@ -93,15 +85,16 @@ _STATUS_IDLE = 73
 class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
-        "_asked", "_auth_kind", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
+        "_asked", "_exchange", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
         "_partial",
-        "_paused", "_rerouted", "_reset_always", "_rewrite", "_salt", "_scram", "_secret", "_skip",
+        "_paused", "_rerouted", "_reset_always", "_rewrite", "_skip",
         "_custom", "_initial", "_names", "_notes", "_pin_policy", "_pinned", "_startup",
         "_statement_mode",
         "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
-        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "tracked", "transport",
+        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "stats", "tracked",
+        "transport",
         "wait_since", "waiting",
     )
 
@@ -171,10 +164,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # login timeout
         self._paused = False
         self.wait_since = 0.0  # set by the pool while waiting for a server
-        self._auth_kind = ""
-        self._secret: StoredSecret | None = None
-        self._salt = b""
-        self._scram: ScramServer | None = None
+        self._exchange: PasswordExchange | None = None
         self._startup: dict[str, str] = {}
         self._moved = moved
         self._rerouted = final
@@ -201,6 +191,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == ACTIVE:
             self.activity += 1
+            self.stats.received += len(data)
             server = self.server
             if server is not None:
                 if self._verify_hold is None:
@@ -316,6 +307,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         database = params.get("database") or user
         self._startup = params
+        if database in ADMIN_DATABASES:
+            self.app.admin_login(self, params, bytes(self._buf))
+            return
         if self.app.over_client_limit():
             self.fatal(codes.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
             return
@@ -325,6 +319,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self._refuse(exc)
             return
         self.peer = f"{database}/{user}@{self.peer}"
+        refused = self.app.login_refusal(database)
+        if refused is not None:
+            self.fatal(*refused)
+            return
         pool_cfg = self.app.config.pools.get(database)
         if pool_cfg is None:
             self._mock_auth(u for p in self.app.config.pools.values() for u in p.users.values())
@@ -342,6 +340,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def _join(self, pool: Pool) -> None:
         self.pool = pool
+        self.stats = pool.stats
         pool.clients += 1
         self.mode = pool.mode
         self._statement_mode = pool.mode == STATEMENT
@@ -359,52 +358,28 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def _begin_auth(self, secret: StoredSecret, method: str = "") -> None:
         """method: what to ask for (default: what the secret needs); UNKNOWN never authenticates."""
-        self._secret = secret
         self.state = AUTH
-        method = method or secret.kind
-        if method == "trust":
+        self._exchange = PasswordExchange(secret, method, self.app.auth_key, self._startup.get("user", ""))
+        first = self._exchange.start()
+        if first is None:
             self._auth_ok()
-        elif method == "md5":
-            self._auth_kind = "md5"
-            self._salt = os.urandom(4)
-            self.transport.write(m.authentication(codes.AUTH_MD5, self._salt))
-        else:  # SCRAM for verifiers and for plain-text secrets
-            self._auth_kind = "scram"
-            user, key = self._startup.get("user", ""), self.app.auth_key
-            if secret is UNKNOWN:
-                self._scram = mock_scram(key, user)
-            elif secret.plain is not None:  # a stable salt, as a stored verifier has
-                self._scram = ScramServer(secret, salt=plain_salt(key, user, secret.plain))
-            else:
-                self._scram = ScramServer(secret)
-            self.transport.write(m.authentication(codes.AUTH_SASL, b"SCRAM-SHA-256\0\0"))
+        else:
+            self.transport.write(first)
 
     def _auth_response(self, body: bytes) -> None:
+        assert self._exchange is not None
         try:
-            if self._auth_kind == "md5":
-                assert self._secret is not None
-                response, _ = m.read_cstr(body, 0)
-                if not md5_verify(self._secret, self._salt, response.decode("ascii", "replace")):
-                    raise AuthFailed("md5 password mismatch")
-                self._auth_ok()
-            elif self._auth_kind == "scram" and self._scram is not None:
-                # SASLInitialResponse: mechanism, length, client-first-message
-                mechanism, pos = m.read_cstr(body, 0)
-                if mechanism != b"SCRAM-SHA-256":
-                    raise m.ProtocolError("unsupported SASL mechanism")
-                reply = self._scram.handle_client_first(body[pos + 4 :])
-                self._auth_kind = "scram-final"
-                self.transport.write(m.authentication(codes.AUTH_SASL_CONTINUE, reply))
-            elif self._auth_kind == "scram-final" and self._scram is not None:
-                final = self._scram.handle_client_final(body)
-                self.transport.write(m.authentication(codes.AUTH_SASL_FINAL, final))
-                self._auth_ok()
-            else:
-                raise m.ProtocolError("unexpected password message")
+            reply, done = self._exchange.step(body)
         except (AuthFailed, IndexError, struct.error) as exc:
             user = self._startup.get("user", "")
             log.info("%s: %s auth failed: %s", self.id, self.peer, exc)
             self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+            return
+        if reply:
+            self.transport.write(reply)
+        if done:
+            self._exchange = None
+            self._auth_ok()
 
     def _auth_ok(self) -> None:
         pool = self.pool
@@ -594,6 +569,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                         self._message_done(server)
                     return
                 self._skip = 0
+            if not server.query_start:  # a request begins (and a transaction, if none is open)
+                server.query_start = now = time.monotonic()
+                if not server.xact_start:
+                    server.xact_start = now
             pending = server.pending
             start = len(pending)
             out: bytearray | None = None
@@ -941,6 +920,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             server.settings_dirty = False
             self.on_ready(_STATUS_IDLE)
 
+    def pinned_by(self) -> str:
+        """What its session holds that keeps it on its server ("" when nothing)."""
+        return self._pinned
+
     def _held_state(self, held: str, server: ServerConn) -> None:
         """What the session holds that cannot move (frontend/pins.py): pin, unpin or refuse."""
         pool = server.pool
@@ -1015,6 +998,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         self._finish(reason)
         self.transport.close()
+
+    def hand_over(self) -> None:
+        """The connection now belongs to another protocol object (the admin console): stop being
+        a client without closing it."""
+        self.state = CLOSED
+        self._cancel_timer()
+        self.app.client_disconnected(self)
 
     def _close_quietly(self) -> None:
         self.state = CLOSED

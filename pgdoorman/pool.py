@@ -6,11 +6,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pgdoorman.auth import parse_secret
 from pgdoorman.channel import Load
 from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
+from pgdoorman.metrics.stats import PeriodStats, PoolStats
 from pgdoorman.prepared import Registry
 from pgdoorman.protocol import codes
 from pgdoorman.protocol.state import STATUS_IDLE
@@ -41,6 +42,37 @@ class Pool:
         """pool_size / min_pool_size: this worker's share of the configured limits (default: all)."""
         self.user = user_cfg.username
         self.name = f"{pool_cfg.name}/{user_cfg.username}"
+        self.generation = 0
+        self.configure(pool_cfg, user_cfg, general, pool_size, min_pool_size)
+        self.registry = Registry(max(self.prepared_cache_size, 1))
+        self.idle: list[ServerConn] = []
+        self.waiters: deque[Waiter] = deque()
+        self.servers: set[ServerConn] = set()
+        self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
+        self.pinned = 0  # of them, clients pinned to their server (frontend/pins.py; cl_pinned)
+        self.listener: Listener | None = None  # LISTEN/NOTIFY fan-out, made at the first LISTEN
+        self.served = 0  # clients that waited and then got a server, since load() last ran
+        self.waited = 0.0  # their total wait, seconds
+        self.connecting = 0
+        self.server_params: dict[str, str] | None = None
+        # the clients' login replies by their startup settings (frontend/settings.py)
+        self.welcomes: dict[tuple[tuple[str, str], ...], Welcome] = {}
+        self._retry_at = 0.0
+        self._closing = False
+        self.stats = PoolStats()
+        self.period = PeriodStats()
+        # Console control (admin/worker.py): PAUSE lends no server until RESUME; RECONNECT and a
+        # reload that changes the server's address or login bump generation, and servers of an
+        # older one are closed instead of lent again; a pool taken out of the config by a reload
+        # takes no new clients and goes once its clients have.
+        self.paused = False
+        self.removed = False
+
+    def configure(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
+                  pool_size: int | None = None, min_pool_size: int | None = None) -> None:
+        """Take the (re)loaded config: sizes and timeouts apply at once; a changed server address
+        or login replaces the servers as they are released (the clients keep their own mode)."""
+        server_side = getattr(self, "_server_side", None)
         self.cfg = pool_cfg
         self.user_cfg = user_cfg
         self.general = general
@@ -62,21 +94,14 @@ class Pool:
             password is not None and parse_secret(password, self.server_user).kind == "md5")
         self.prepared_enabled = general.prepared_statements and pool_cfg.prepared_statements_cache_size > 0
         self.prepared_cache_size = pool_cfg.prepared_statements_cache_size
-        self.registry = Registry(max(self.prepared_cache_size, 1))
-        self.idle: list[ServerConn] = []
-        self.waiters: deque[Waiter] = deque()
-        self.servers: set[ServerConn] = set()
-        self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
-        self.pinned = 0  # of them, clients pinned to their server (frontend/pins.py; cl_pinned)
-        self.listener: Listener | None = None  # LISTEN/NOTIFY fan-out, made at the first LISTEN
-        self.served = 0  # clients that waited and then got a server, since load() last ran
-        self.waited = 0.0  # their total wait, seconds
-        self.connecting = 0
-        self.server_params: dict[str, str] | None = None
-        # the clients' login replies by their startup settings (frontend/settings.py)
-        self.welcomes: dict[tuple[tuple[str, str], ...], Welcome] = {}
-        self._retry_at = 0.0
-        self._closing = False
+        self._server_side = (pool_cfg.server_host, pool_cfg.server_port, pool_cfg.server_database,
+                             self.server_user, password, self.application_name, pool_cfg.connect_query)
+        if server_side is not None and server_side != self._server_side:
+            log.info("%s: server address or login changed: servers are replaced as they are released",
+                     self.name)
+            self.reconnect()
+            self.server_params = None
+            self.welcomes = {}
 
     # --- lending ---
 
@@ -86,10 +111,15 @@ class Pool:
         since: when a client moved from another worker started waiting there; it is queued as if it
         had been waiting here since then (clients must not pay for a move with a second wait)."""
         idle = self.idle
-        while idle:
+        while idle and not self.paused:
             server = idle.pop()
-            if not server.closed:
-                return server
+            if server.closed:
+                continue
+            if server.needs_check:  # idle longer than server_check_delay: checked first
+                self._check(server)
+                continue
+            self.stats.wait_hist[0] += 1  # lent at once: a wait of 0
+            return server
         client.waiting = True
         waiters = self.waiters
         if since:
@@ -101,7 +131,7 @@ class Pool:
         else:
             client.wait_since = time.monotonic()
             waiters.append(client)
-        if len(self.servers) + self.connecting < self.pool_size:
+        if len(self.servers) + self.connecting < self.pool_size and not self.paused:
             self._grow()
         return None
 
@@ -142,15 +172,82 @@ class Pool:
         if lifetime and server.last_used - server.created > lifetime:  # last_used: just now
             server.close("server lifetime reached")
             return
-        while self.waiters:
+        if server.generation != self.generation:
+            server.close("reconnect: the server's address or login changed, or RECONNECT")
+            return
+        while self.waiters and not self.paused:
             client = self.waiters.popleft()
             if client.waiting:
                 client.waiting = False
                 self.served += 1
-                self.waited += server.last_used - client.wait_since  # last_used: just now
+                waited = server.last_used - client.wait_since  # last_used: just now
+                self.waited += waited
+                self.stats.waited(waited)
                 client.assign(server)
                 return
         self.idle.append(server)
+
+    # --- console control and server checks ---
+
+    def totals(self) -> dict[str, Any]:
+        """The pool's counters as plain data (metrics/stats.py), prepared statements' included."""
+        out = self.stats.totals()
+        prepared = self.registry.stats
+        out["client_parses"] = prepared.client_parses
+        out["server_parses"] = prepared.server_parses
+        out["binds"] = prepared.binds
+        out["prepared_hits"] = prepared.hits
+        out["prepared_evictions"] = prepared.evictions
+        return out
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        while self.idle and self.waiters:
+            self.release(self.idle.pop())  # to the first waiter (or checked, or back to idle)
+        if self.waiters:
+            self._grow()
+
+    def grow_for_waiters(self) -> None:
+        if self.waiters and not self.paused:
+            self._grow()
+
+    def lent(self) -> int:
+        """Servers not idle in the pool: lent to a client, being reset or checked."""
+        return len(self.servers) - len(self.idle)
+
+    def reconnect(self) -> None:
+        """Replace every server: idle ones now, the others when they are released."""
+        self.generation += 1
+        for server in list(self.idle):
+            server.close("reconnect requested")
+
+    def old_servers(self) -> int:
+        return sum(1 for server in self.servers if server.generation != self.generation)
+
+    def _check(self, server: ServerConn) -> None:
+        """server_check_query on a server idle longer than server_check_delay, before it is lent:
+        released again (to a waiter) if it answers, closed if not."""
+        server.needs_check = False
+        server.checking = True
+        server.hidden_error = None
+        server.on_idle = self._checked
+        server.send_hidden(self.general.server_check_query)
+        asyncio.get_running_loop().call_later(self.general.server_connect_timeout or 5.0,
+                                              self._check_timeout, server)
+
+    def _checked(self, server: ServerConn) -> None:
+        server.checking = False
+        if server.hidden_error is not None:
+            server.close(f"server check failed: {server.hidden_error.get('M')}")
+            return
+        self.release(server)
+
+    def _check_timeout(self, server: ServerConn) -> None:
+        if server.checking and not server.closed:
+            server.close("server check query timed out")
 
     def on_server_closed(self, server: ServerConn) -> None:
         self.servers.discard(server)
@@ -184,7 +281,7 @@ class Pool:
             self._retry_at = time.monotonic() + RETRY_DELAY
             log.warning("%s: server connect failed: %s", self.name, exc)
             if not self.servers and self.connecting == 0:
-                self._fail_waiters(f"server login failed: {exc}", exc.code)
+                self.fail_waiters(f"server login failed: {exc}", exc.code)
             return
         self.connecting -= 1
         self.release(server)
@@ -202,6 +299,8 @@ class Pool:
                 else:
                     await loop.create_connection(lambda: server, host, port)
                 await server.ready
+                if self.cfg.connect_query:
+                    await self._connect_query(server)
             self.servers.add(server)  # only now: until ready it is counted in self.connecting
         except TimeoutError:
             server.close("connect timeout")
@@ -215,7 +314,17 @@ class Pool:
                  server.id, self.name, host, port, server.backend_pid)
         return server
 
-    def _fail_waiters(self, message: str, code: str) -> None:
+    async def _connect_query(self, server: ServerConn) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        server.on_idle = lambda _server: None if done.done() else done.set_result(None)
+        server.send_hidden(self.cfg.connect_query)
+        await done
+        if server.hidden_error is not None:
+            message = server.hidden_error.get("M", "")
+            server.close(f"connect_query failed: {message}")
+            raise ServerError(f"connect_query failed: {message}", server.hidden_error.get("C", "08006"))
+
+    def fail_waiters(self, message: str, code: str) -> None:
         while self.waiters:
             client = self.waiters.popleft()
             if client.waiting:
@@ -244,19 +353,22 @@ class Pool:
         self.expire_waiters(now)
         idle_timeout, lifetime = self.cfg.idle_timeout, self.cfg.server_lifetime
         keep = self.min_pool_size
+        check = self.general.server_check_query and self.general.server_check_delay
         for server in list(self.idle):
             if lifetime and now - server.created > lifetime:
                 server.close("server lifetime reached")
             elif idle_timeout and now - server.last_used > idle_timeout and len(self.servers) > keep:
                 server.close("server idle timeout")
+            elif check and now - server.last_used > check:
+                server.needs_check = True
         missing = self.min_pool_size - len(self.servers) - self.connecting
-        if missing > 0 and now >= self._retry_at and not self._closing:
+        if missing > 0 and now >= self._retry_at and not self._closing and not self.removed:
             for _ in range(missing):
                 self._spawn_connect()
 
     def close_all(self, reason: str) -> None:
         self._closing = True
-        self._fail_waiters(reason, codes.ADMIN_SHUTDOWN)
+        self.fail_waiters(reason, codes.ADMIN_SHUTDOWN)
         if self.listener is not None:
             self.listener.close(reason)
         for server in list(self.servers):

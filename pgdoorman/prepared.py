@@ -30,6 +30,7 @@ class Statement:
     # Its result type changed under DDL ("cached plan must not change result type"): every use
     # now fails as it would on the client's own connection, and a new Parse gets a new statement.
     retired: bool = False
+    uses: int = 0  # Binds of it by clients (SHOW PREPARED_STATEMENTS)
 
 
 def new_statement(key: bytes) -> Statement:
@@ -71,6 +72,12 @@ class Registry:
         if self._by_key.get(stmt.key) is stmt:
             del self._by_key[stmt.key]
 
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def statements(self) -> list[Statement]:
+        return list(self._by_key.values())
+
     def known(self, key: bytes) -> Statement | None:
         """The statement for key if a server has already prepared it successfully."""
         stmt = self._by_key.get(key)
@@ -92,9 +99,6 @@ def row_shape(kind: int, body: bytes | bytearray) -> bytes:
         out += body[pos + 12 : pos + 16]  # typmod (after typlen)
         pos += 18
     return bytes(out)
-
-    def __len__(self) -> int:
-        return len(self._by_key)
 
 
 class ServerStatements:
@@ -124,6 +128,9 @@ class ServerStatements:
 
     def discard(self, stmt: Statement) -> None:
         self._lru.pop(stmt, None)
+
+    def all(self) -> list[Statement]:
+        return list(self._lru)
 
     def clear(self) -> None:
         self._lru.clear()

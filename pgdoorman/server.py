@@ -14,11 +14,13 @@ import logging
 import socket
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
+from pgdoorman.metrics.stats import BOUNDS
 from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
@@ -134,7 +136,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         "last_client", "refuse_transactions", "said_fatal", "sequences_used",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
-        "_rows", "_rows_done",
+        "_rows", "_rows_done", "query_start", "xact_start", "stats", "generation", "checking",
+        "needs_check",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -150,6 +153,14 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.backend_key = 0
         self.created = time.monotonic()
         self.last_used = self.created
+        self.stats = pool.stats
+        # When the lent client's current request and transaction began (0: none): set by the
+        # client's relay, counted and cleared at the ReadyForQuery that ends them.
+        self.query_start = 0.0
+        self.xact_start = 0.0
+        self.generation = pool.generation  # RECONNECT / a changed server address: replaced when released
+        self.checking = False  # server_check_query in flight before it is lent
+        self.needs_check = False  # idle longer than server_check_delay (Pool.maintain)
         self.cancels_in_flight = 0
         self.parked = False  # released while a cancel was in flight
         self.refuse_transactions = False  # lent in statement mode
@@ -350,8 +361,29 @@ class ServerConn(ServerState, asyncio.Protocol):
         client = self.client
         if payload and client is not None:
             client.transport.write(payload)
+            self.stats.sent += len(payload)
         if ready >= 0:
-            self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
+            now = self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
+            start = self.query_start
+            if start:  # the end of a client's request (not one of the pooler's own queries)
+                self.query_start = 0.0
+                stats = self.stats
+                seconds = now - start
+                stats.query_time += seconds
+                at = bisect_left(BOUNDS, seconds)
+                stats.query_hist[at] += 1
+                if seconds > stats.query_max:
+                    stats.query_max = seconds
+                if ready == _STATUS_IDLE:
+                    began = self.xact_start
+                    self.xact_start = 0.0
+                    if began != start:
+                        seconds = now - began
+                        at = bisect_left(BOUNDS, seconds)
+                    stats.xact_time += seconds
+                    stats.xact_hist[at] += 1
+                    if seconds > stats.xact_max:
+                        stats.xact_max = seconds
             if client is not None:
                 client.on_ready(ready)
             elif self.on_idle is not None:
@@ -573,6 +605,8 @@ class ServerConn(ServerState, asyncio.Protocol):
     def _error(self, head: int, body: bytes) -> bool:
         """An ErrorResponse: in extended protocol the server now skips everything until Sync."""
         self.copy_over()
+        if head != HIDDEN_QUERY and head != HIDDEN_ROWS:
+            self.stats.error(m.parse_error_fields(body).get("C", "XX000"))
         if head == QUERY or head == HIDDEN_QUERY or head == HIDDEN_ROWS:
             if head == HIDDEN_ROWS:
                 self._rows = None  # capture() failed: its callback gets None

@@ -177,9 +177,10 @@ class Pooler:
         auth = quote(user, safe="") + (":" + quote(password, safe="") if password else "")
         return f"postgresql://{auth}@{self.host}:{self.port}/{quote(dbname, safe='')}?sslmode=disable"
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGQUIT) -> None:
+        """SIGQUIT: shut down at once (SIGTERM would wait for the clients, SIGINT for the servers)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -167,12 +167,12 @@ def test_a_dead_worker_is_restarted_and_the_others_go_on(start_pooler):
         b.close()
 
 
-def test_sigterm_stops_every_worker(start_pooler):
+def test_sigquit_stops_every_worker_at_once(start_pooler):
     pooler = _start(start_pooler, 2, "workers-stop")
     assert wait_until(lambda: len(_worker_pids(pooler)) == 2), pooler.log()
     pids = list(_worker_pids(pooler).values())
     conn = pconnect(pooler)
-    pooler.proc.send_signal(signal.SIGTERM)
+    pooler.proc.send_signal(signal.SIGQUIT)  # immediate (SIGTERM waits for clients: test_admin.py)
     assert pooler.proc.wait(timeout=15) == 0
     assert not any(_alive(p) for p in pids)
     with pytest.raises(psycopg.OperationalError):

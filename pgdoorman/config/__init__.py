@@ -3,12 +3,24 @@
 from .durations import format_duration, parse_duration
 from .loader import default_config, load_config, parse_config
 from .render import render_config
-from .schema import LOG_LEVELS, POOL_MODES, Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
+from .schema import (
+    LOG_LEVELS,
+    POOL_MODES,
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    GeneralConfig,
+    PoolConfig,
+    PrometheusConfig,
+    UserConfig,
+)
 from .workers import pool_keys, pool_share, worker_count
 
 __all__ = [
     "LOG_LEVELS",
     "POOL_MODES",
+    "RESTART_KEYS",
+    "PrometheusConfig",
     "Config",
     "ConfigError",
     "GeneralConfig",

@@ -14,6 +14,7 @@ from typing import Any
 from .durations import parse_duration
 from .locate import LineIndex, Path
 from .schema import (
+    LOG_FORMATS,
     LOG_LEVELS,
     PIN_POLICIES,
     POOL_MODES,
@@ -21,12 +22,14 @@ from .schema import (
     ConfigError,
     GeneralConfig,
     PoolConfig,
+    PrometheusConfig,
     UserConfig,
 )
 
 _GENERAL_KEYS = tuple(f.name for f in fields(GeneralConfig))
 _POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "name")
 _USER_KEYS = tuple(f.name for f in fields(UserConfig))
+_PROMETHEUS_KEYS = tuple(f.name for f in fields(PrometheusConfig))
 _MD5 = re.compile(r"md5[0-9a-fA-F]{32}")
 _B64 = r"((?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)"
 _SCRAM = re.compile(rf"SCRAM-SHA-256\$([0-9]{{1,10}}):{_B64}\${_B64}:{_B64}")
@@ -120,6 +123,15 @@ class _Table:
         except ValueError as e:
             raise self.error(key, str(e)) from None
 
+    def names(self, key: str) -> tuple[str, ...]:
+        """A list of user names: an array of strings, or one comma-separated string (PgBouncer's)."""
+        v = self._get(key, (), (str, list), "array of strings or a comma-separated string")
+        items = [x.strip() for x in v.split(",")] if isinstance(v, str) else list(v)
+        for i, name in enumerate(items):
+            if not isinstance(name, str):
+                raise self.error((key, str(i)), f"expected string, got {_type_name(name)}")
+        return tuple(name for name in items if name)
+
     def hosts(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         v = self._get(key, default, (str, list), "string or array of strings")
         items = [v] if isinstance(v, str) else list(v)
@@ -205,6 +217,7 @@ def _pool(pools: _Table, name: str, g: GeneralConfig) -> PoolConfig:
         server_reset_query=p.string("server_reset_query", g.server_reset_query),
         strict=p.boolean("strict", g.strict),
         pin_policy=p.enum("pin_policy", g.pin_policy, PIN_POLICIES),
+        connect_query=p.string("connect_query", g.connect_query),
     )
     # Users come after the pool's own keys so errors surface in file order.
     users_table = p.table("users", None)  # entry names are free-form ("0", "1", ...)
@@ -236,15 +249,24 @@ def _general(root: _Table) -> GeneralConfig:
         strict=g.boolean("strict", d.strict),
         pin_policy=g.enum("pin_policy", d.pin_policy, PIN_POLICIES),
         server_check_delay=g.duration("server_check_delay", d.server_check_delay),
+        server_check_query=g.string("server_check_query", d.server_check_query),
+        connect_query=g.string("connect_query", d.connect_query),
         application_name=g.string("application_name", d.application_name),
         admin_username=g.string("admin_username", d.admin_username),
         admin_password=g.string("admin_password", d.admin_password),
+        admin_users=g.names("admin_users"),
+        stats_users=g.names("stats_users"),
+        admin_legacy_columns=g.boolean("admin_legacy_columns", d.admin_legacy_columns),
+        stats_period=g.duration("stats_period", d.stats_period),
+        log_stats=g.boolean("log_stats", d.log_stats),
+        shutdown_timeout=g.duration("shutdown_timeout", d.shutdown_timeout),
         prepared_statements=g.boolean("prepared_statements", d.prepared_statements),
         prepared_statements_cache_size=g.integer(
             "prepared_statements_cache_size", d.prepared_statements_cache_size),
         client_prepared_statements_cache_size=g.integer(
             "client_prepared_statements_cache_size", d.client_prepared_statements_cache_size),
         log_level=g.enum("log_level", d.log_level, LOG_LEVELS),
+        log_format=g.enum("log_format", d.log_format, LOG_FORMATS),
         log_client_connections=g.boolean("log_client_connections", d.log_client_connections),
         log_client_disconnections=g.boolean("log_client_disconnections", d.log_client_disconnections),
         workers=g.integer("workers", d.workers, lo=0, hi=MAX_WORKERS),
@@ -269,11 +291,16 @@ def parse_config(text: str, path: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(path, text, e) from None
-    root = _Table(LineIndex(text), path, (), data, ("general", "pools"))
+    root = _Table(LineIndex(text), path, (), data, ("general", "pools", "prometheus"))
     general = _general(root)
     pools_table = root.table("pools", None)
     pools = {name: _pool(pools_table, name, general) for name in pools_table.data}
-    return Config(general=general, pools=pools, path=path)
+    prom = root.table("prometheus", _PROMETHEUS_KEYS)
+    d = PrometheusConfig()
+    prometheus = PrometheusConfig(enabled=prom.boolean("enabled", d.enabled),
+                                  host=prom.string("host", d.host, nonempty=True),
+                                  port=prom.integer("port", d.port, lo=1, hi=65535))
+    return Config(general=general, pools=pools, path=path, prometheus=prometheus, text=text)
 
 
 def load_config(path: str) -> Config:

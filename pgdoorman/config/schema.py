@@ -12,6 +12,9 @@ POOL_MODES = ("session", "transaction", "statement")
 # What to do with a client whose session holds state that cannot move (frontend/pins.py).
 PIN_POLICIES = ("pin", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+# Keys read only at start: a reload that changes them says they need a restart.
+RESTART_KEYS = ("host", "port", "unix_socket_dir", "workers", "log_format")
 
 
 class ConfigError(Exception):
@@ -65,6 +68,7 @@ class PoolConfig:
     # replies show a change (SET, RESET, DISCARD, DO): for set_config() inside functions.
     strict: bool = False
     pin_policy: str = "pin"
+    connect_query: str = ""  # run on every new server connection before it is lent
     users: dict[str, UserConfig] = field(default_factory=dict)  # keyed by username
 
 
@@ -87,13 +91,24 @@ class GeneralConfig:
     strict: bool = False  # the default of each pool's `strict`
     pin_policy: str = "pin"  # the default of each pool's `pin_policy`
     server_check_delay: float = 30.0
+    server_check_query: str = ";"  # "" = no check; ";" is an empty query (cheapest round trip)
+    connect_query: str = ""  # the default of each pool's `connect_query`
     application_name: str = "pgdoorman"
     admin_username: str = "admin"
     admin_password: str = field(default="", repr=False)
+    admin_users: tuple[str, ...] = ()  # pool users with full console rights
+    stats_users: tuple[str, ...] = ()  # pool users who may only SHOW
+    # SHOW STATS and SHOW DATABASES also carry total_requests / reserve_pool, the columns of
+    # PgBouncer < 1.8 that exporters of that age read (Debian's prometheus-pgbouncer-exporter)
+    admin_legacy_columns: bool = False
+    stats_period: float = 60.0
+    log_stats: bool = True
+    shutdown_timeout: float = 30.0
     prepared_statements: bool = True
     prepared_statements_cache_size: int = 8192
     client_prepared_statements_cache_size: int = 0
     log_level: str = "info"
+    log_format: str = "text"
     log_client_connections: bool = True
     log_client_disconnections: bool = True
     workers: int = 0  # worker processes; 0 = one per CPU core
@@ -102,7 +117,16 @@ class GeneralConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrometheusConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9127  # pgbouncer_exporter's port
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     pools: dict[str, PoolConfig] = field(default_factory=dict)  # keyed by pool (database) name
     path: str = "<config>"
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    text: str = field(default="", repr=False, compare=False)  # the TOML it came from (reload, SET)

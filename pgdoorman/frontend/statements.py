@@ -242,6 +242,7 @@ class StatementMapping:
         server.refs.append(stmt)
         server.client_names.append(name)
         server.pool.registry.stats.binds += 1
+        stmt.uses += 1
         # end may lie beyond data (a large Bind, streamed): the length is the whole message's.
         server_name = stmt.server_name
         out += _pack_hdr(b"B", name_at - pos - 1 + len(server_name) + end - name_end)

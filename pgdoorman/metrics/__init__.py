@@ -1,0 +1,1 @@
+"""Counters, latency histograms, the Prometheus and health endpoints."""
