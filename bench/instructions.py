@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roots", default=".", help="comma-separated source trees to compare")
     p.add_argument("--modes", default=",".join(MODES), help="pgbench -M modes")
     p.add_argument("--tx", type=int, default=1000, help="transactions counted per mode")
+    p.add_argument("--keep", action="store_true", help="keep the callgrind files (for callgrind_annotate)")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         p.error("needs valgrind (apt-get install valgrind)")
@@ -78,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             t.cleanup()
         cluster.destroy()
-        shutil.rmtree(outdir, ignore_errors=True)
+        if args.keep:
+            print(f"callgrind files kept in {outdir}")
+        else:
+            shutil.rmtree(outdir, ignore_errors=True)
     return 0
 
 

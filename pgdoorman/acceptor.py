@@ -246,7 +246,8 @@ class Acceptor:
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
             return results
         if op == "shutdown":
-            self.begin_shutdown(request["mode"])
+            # After the answer has gone to the console (its worker may stop at once)
+            asyncio.get_running_loop().call_soon(self.begin_shutdown, request["mode"])
             return [True]
         return await self._to_all(request)
 

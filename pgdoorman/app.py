@@ -290,7 +290,8 @@ class App:
             self._stopped.set()
         elif mode == coordinate.WAIT_FOR_CLIENTS and not self.clients:
             self._stopped.set()
-        elif mode == coordinate.WAIT_FOR_SERVERS and not any(pool.lent() for pool in self.pools.values()):
+        elif mode == coordinate.WAIT_FOR_SERVERS and not any(
+                pool.in_transactions() for pool in self.pools.values()):
             self._stopped.set()
 
     # --- worker side of the channel to the acceptor (see pgdoorman/acceptor.py, channel.py) ---
@@ -447,8 +448,9 @@ class App:
         period = self.config.general.stats_period
         if period and now - self._period_at >= period:
             elapsed, self._period_at = now - self._period_at, now
+            live = self.control.live_bytes()
             for pool in self.pools.values():
-                last = pool.period.roll(pool.stats, pool.totals(), elapsed)
+                last = pool.period.roll(pool.stats, pool.totals(live.get(pool, (0, 0))), elapsed)
                 if last is not None and self.config.general.log_stats and (last["queries"] or last["waits"]):
                     log.info("stats: %s: %s", pool.name, coordinate.stats_line(last, elapsed))
             if self._channel is None:

@@ -31,6 +31,8 @@ from pgdoorman.frontend.settings import (
 )
 from pgdoorman.frontend.sqlprepare import PREPARED_SQL, Prepared, read_prepared, replay_prepared
 from pgdoorman.frontend.statements import HOLD, UNCHANGED, UNNAMED_KEEP, StatementMapping
+from pgdoorman.metrics.account import begin
+from pgdoorman.metrics.tcpbytes import socket_bytes
 from pgdoorman.prepared import Statement
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
@@ -93,7 +95,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
-        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "stats", "tracked",
+        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base", "tracked",
         "transport",
         "wait_since", "waiting",
     )
@@ -122,6 +124,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._asked: list[tuple[str, str]] = []  # the settings its startup packet asks for
         self.stmts: dict[bytes, Statement] = {}  # client's statement name -> shared statement
         self.cancel_key: tuple[int, int] = (0, 0)
+        # The kernel's byte counts of its socket when it came to this worker (metrics/tcpbytes.py)
+        self.bytes_base: tuple[int, int] = (0, 0)
         self.connected_at = time.monotonic()
         # Idle timeouts: data_received only counts; housekeeping notes when the count moved.
         self.activity = 0
@@ -191,7 +195,6 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == ACTIVE:
             self.activity += 1
-            self.stats.received += len(data)
             server = self.server
             if server is not None:
                 if self._verify_hold is None:
@@ -340,7 +343,6 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def _join(self, pool: Pool) -> None:
         self.pool = pool
-        self.stats = pool.stats
         pool.clients += 1
         self.mode = pool.mode
         self._statement_mode = pool.mode == STATEMENT
@@ -569,10 +571,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                         self._message_done(server)
                     return
                 self._skip = 0
-            if not server.query_start:  # a request begins (and a transaction, if none is open)
-                server.query_start = now = time.monotonic()
-                if not server.xact_start:
-                    server.xact_start = now
+            begin(server.times)  # a request begins, unless one is open (metrics/account.py)
             pending = server.pending
             start = len(pending)
             out: bytearray | None = None
@@ -920,6 +919,16 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             server.settings_dirty = False
             self.on_ready(_STATUS_IDLE)
 
+    def traffic(self) -> tuple[int, int]:
+        """Bytes (from it, to it) its socket carried while here: read from the kernel, so the relay
+        counts nothing per read (metrics/tcpbytes.py)."""
+        transport = self.transport
+        if transport is None:
+            return 0, 0
+        received, sent = socket_bytes(transport.get_extra_info("socket"))
+        base_received, base_sent = self.bytes_base
+        return max(0, received - base_received), max(0, sent - base_sent)
+
     def pinned_by(self) -> str:
         """What its session holds that keeps it on its server ("" when nothing)."""
         return self._pinned
@@ -1022,6 +1031,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.app.client_disconnected(self)
         if self.pool is not None:
             self.pool.clients -= 1
+            received, sent = self.traffic()
+            self.pool.stats.received += received
+            self.pool.stats.sent += sent
             if self._pinned:
                 self.pool.pinned -= 1
             if self.channels and self.pool.listener is not None:
@@ -1125,6 +1137,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             "unnamed": self._unnamed_parse(),
             "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
         }
+        received, sent = self.traffic()
+        pool.stats.received += received
+        pool.stats.sent += sent
+        base_received, base_sent = self.bytes_base
+        state["bytes_base"] = (base_received + received, base_sent + sent)
         pool.cancel_wait(self)
         pool.clients -= 1
         self.app.cancels.unregister(self)
@@ -1151,6 +1168,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._unnamed = state.get("unnamed")
         pid, key = state["cancel_key"]
         self.cancel_key = (pid, key)
+        received, sent = state.get("bytes_base", (0, 0))
+        self.bytes_base = (received, sent)
         self.app.cancels.adopt(self)
         self.state = ACTIVE
         self.app.client_connected(self)

@@ -118,7 +118,7 @@ class Pool:
             if server.needs_check:  # idle longer than server_check_delay: checked first
                 self._check(server)
                 continue
-            self.stats.wait_hist[0] += 1  # lent at once: a wait of 0
+            self.stats.at_once += 1  # lent without a wait
             return server
         client.waiting = True
         waiters = self.waiters
@@ -189,9 +189,12 @@ class Pool:
 
     # --- console control and server checks ---
 
-    def totals(self) -> dict[str, Any]:
-        """The pool's counters as plain data (metrics/stats.py), prepared statements' included."""
+    def totals(self, live_bytes: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+        """The pool's counters as plain data (metrics/stats.py), prepared statements' included;
+        live_bytes: what its current clients' sockets carried so far (ClientConn.traffic)."""
         out = self.stats.totals()
+        out["received"] += live_bytes[0]
+        out["sent"] += live_bytes[1]
         prepared = self.registry.stats
         out["client_parses"] = prepared.client_parses
         out["server_parses"] = prepared.server_parses
@@ -217,6 +220,12 @@ class Pool:
     def lent(self) -> int:
         """Servers not idle in the pool: lent to a client, being reset or checked."""
         return len(self.servers) - len(self.idle)
+
+    def in_transactions(self) -> int:
+        """Servers lent to a client that is in a transaction or has requests in flight (a pinned
+        client's server between its transactions is not)."""
+        return sum(1 for server in self.servers if server.client is not None and (
+            server.pending or server.status != STATUS_IDLE or server.unsynced or server.copy_in))
 
     def reconnect(self) -> None:
         """Replace every server: idle ones now, the others when they are released."""

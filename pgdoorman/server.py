@@ -14,13 +14,12 @@ import logging
 import socket
 import struct
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
-from pgdoorman.metrics.stats import BOUNDS
+from pgdoorman.metrics.account import done, new_times
 from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
@@ -136,7 +135,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "last_client", "refuse_transactions", "said_fatal", "sequences_used",
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
-        "_rows", "_rows_done", "query_start", "xact_start", "stats", "generation", "checking",
+        "_rows", "_rows_done", "times", "acc", "hist", "stats", "generation", "checking",
         "needs_check",
     )
 
@@ -154,10 +153,12 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.created = time.monotonic()
         self.last_used = self.created
         self.stats = pool.stats
-        # When the lent client's current request and transaction began (0: none): set by the
-        # client's relay, counted and cleared at the ReadyForQuery that ends them.
-        self.query_start = 0.0
-        self.xact_start = 0.0
+        # When the lent client's current request and transaction began (none: 0): set by the
+        # client's relay, counted into the pool's acc/hist and cleared at the ReadyForQuery that
+        # ends them (metrics/account.py).
+        self.times = new_times()
+        self.acc = pool.stats.acc
+        self.hist = pool.stats.hist
         self.generation = pool.generation  # RECONNECT / a changed server address: replaced when released
         self.checking = False  # server_check_query in flight before it is lent
         self.needs_check = False  # idle longer than server_check_delay (Pool.maintain)
@@ -361,29 +362,9 @@ class ServerConn(ServerState, asyncio.Protocol):
         client = self.client
         if payload and client is not None:
             client.transport.write(payload)
-            self.stats.sent += len(payload)
         if ready >= 0:
-            now = self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
-            start = self.query_start
-            if start:  # the end of a client's request (not one of the pooler's own queries)
-                self.query_start = 0.0
-                stats = self.stats
-                seconds = now - start
-                stats.query_time += seconds
-                at = bisect_left(BOUNDS, seconds)
-                stats.query_hist[at] += 1
-                if seconds > stats.query_max:
-                    stats.query_max = seconds
-                if ready == _STATUS_IDLE:
-                    began = self.xact_start
-                    self.xact_start = 0.0
-                    if began != start:
-                        seconds = now - began
-                        at = bisect_left(BOUNDS, seconds)
-                    stats.xact_time += seconds
-                    stats.xact_hist[at] += 1
-                    if seconds > stats.xact_max:
-                        stats.xact_max = seconds
+            self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
+            done(self.times, self.acc, self.hist, ready == _STATUS_IDLE)  # metrics/account.py
             if client is not None:
                 client.on_ready(ready)
             elif self.on_idle is not None:

@@ -12,6 +12,8 @@ command -v go >/dev/null || need_apt+=(golang-go)
 command -v javac >/dev/null || need_apt+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
 command -v node >/dev/null || need_apt+=(nodejs npm)
+# Debian's exporter scrapes the admin console in tests/test_metrics.py
+[ -x /usr/bin/prometheus-pgbouncer-exporter ] || need_apt+=(prometheus-pgbouncer-exporter)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -27,8 +29,10 @@ ruff check pgdoorman tests bench
 mypy pgdoorman
 python3 -c 'import pgdoorman.protocol.scan as s, sys; sys.exit(not s.COMPILED)' \
     || { echo "the compiled frame scanner did not build"; exit 1; }
+python3 -c 'import pgdoorman.metrics.account as a, sys; sys.exit(not a.COMPILED)' \
+    || { echo "the compiled accounting did not build"; exit 1; }
 # The pure-Python twin of the compiled scanner must pass the same pooler tests; this pass also runs
 # them with one worker process (the main pass uses the default: one worker per core, here 2).
-PGDOORMAN_PURE_PYTHON=1 PGDOORMAN_TEST_WORKERS=1 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_prepared.py
+PGDOORMAN_PURE_PYTHON=1 PGDOORMAN_TEST_WORKERS=1 python3 -m pytest -q -p no:cacheprovider tests/test_core_*.py tests/test_prepared.py tests/test_admin.py
 # The differential fuzzer generates every feature (PGDOORMAN_FUZZ_SKIP=a,b looks past a known bug).
 exec python3 -m pytest -q -p no:cacheprovider "$@"

@@ -203,17 +203,20 @@ class PoolerLauncher:
         self.pg = pg
         self.poolers: list[Pooler] = []
 
-    def __call__(self, pools: Mapping[str, Any], general: Mapping[str, Any] | None = None) -> Pooler:
-        return self.start(pools, general)
+    def __call__(self, pools: Mapping[str, Any], general: Mapping[str, Any] | None = None,
+                 **tables: Mapping[str, Any]) -> Pooler:
+        return self.start(pools, general, **tables)
 
-    def start(self, pools: Mapping[str, Any], general: Mapping[str, Any] | None = None) -> Pooler:
+    def start(self, pools: Mapping[str, Any], general: Mapping[str, Any] | None = None,
+              **tables: Mapping[str, Any]) -> Pooler:
+        """tables: other top-level tables of the config, e.g. prometheus={"enabled": True}."""
         host = "127.0.0.1"
         port = free_port(host)
         gen: dict[str, Any] = {"host": host, "port": port, **(general or {})}
         if "workers" not in gen and os.environ.get("PGDOORMAN_TEST_WORKERS"):
             gen["workers"] = int(os.environ["PGDOORMAN_TEST_WORKERS"])  # scripts/test.sh runs both
         host, port = gen["host"], int(gen["port"])
-        text = render_toml({"general": gen, "pools": dict(pools)})
+        text = render_toml({"general": gen, "pools": dict(pools), **tables})
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / f"pgdoorman-{port}.toml"
         config_path.write_text(text)

@@ -6,6 +6,7 @@ process does it itself (single()).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tomllib
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,7 @@ async def single(app: App, request: dict[str, Any]) -> list[Any]:
         sdnotify.notify(f"READY=1\nSTATUS={app.status_line()}")
         return [result]
     if op == "shutdown":
-        app.begin_shutdown(request["mode"])
+        asyncio.get_running_loop().call_soon(app.begin_shutdown, request["mode"])  # after the answer
         return [True]
     return [await app.answer(request)]
 

@@ -142,6 +142,16 @@ class WorkerControl:
 
     # --- snapshot ---
 
+    def live_bytes(self) -> dict[Pool, tuple[int, int]]:
+        """What the current clients' sockets carried so far, by pool (ClientConn.traffic)."""
+        out: dict[Pool, tuple[int, int]] = {}
+        for client in self.app.clients:
+            if client.pool is not None:
+                received, sent = client.traffic()
+                have = out.get(client.pool, (0, 0))
+                out[client.pool] = (have[0] + received, have[1] + sent)
+        return out
+
     def snapshot(self, what: set[str]) -> dict[str, Any]:
         app = self.app
         now, wall = time.monotonic(), time.time()
@@ -156,6 +166,9 @@ class WorkerControl:
             if pool is None:
                 continue
             counts = per_pool.setdefault(pool, [0, 0, 0, 0])
+            received, sent = client.traffic()
+            counts[2] += received
+            counts[3] += sent
             if client.waiting:
                 counts[1] += 1
                 wait = now - client.wait_since
@@ -229,7 +242,7 @@ class WorkerControl:
             "server_port": pool.cfg.server_port,
             "server_database": pool.server_database,
             "server_user": pool.server_user,
-            "totals": pool.totals(),
+            "totals": pool.totals(live_bytes=(counts[2], counts[3])),
             "period": period.last,
             "period_seconds": period.seconds,
             "maxima": period.maxima,

@@ -9,75 +9,70 @@ transactions run.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Any
 
+from pgdoorman.metrics import account
+
 # Latency buckets: upper bounds in seconds, four per octave from 10 µs to about 2.8 min (bucket
-# 0 is "at most 10 µs", the last one is everything above). A percentile read from them is within
-# 19 % of the true value, which is what p50/p90/p99 need; every fourth bound is a power-of-two
-# multiple of 10 µs, the coarser buckets Prometheus gets (PROMETHEUS_BOUNDS).
+# 0 is "at most 10 µs", the last one is everything above; account.bucket computes the index). A
+# percentile read from them is within 19 % of the true value, which is what p50/p90/p99 need;
+# every fourth bound is a power-of-two multiple of 10 µs, the coarser buckets Prometheus gets
+# (PROMETHEUS_BOUNDS).
 BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(96))
 PROMETHEUS_EVERY = 4
 PROMETHEUS_BOUNDS: tuple[float, ...] = BOUNDS[::PROMETHEUS_EVERY]
-HISTOGRAMS = ("xact", "query", "wait")
-COUNTERS = ("received", "sent", "xact_time", "query_time", "wait_time", "errors")
+HISTOGRAMS = tuple(account.HISTOGRAMS)
 
 
 class PoolStats:
-    """One pool's counters in one process. Times are float seconds. Counts of transactions, requests
-    and server assignments are the sums of their histograms: one add less per transaction. The
-    relay (server.py) adds to the query and transaction ones inline."""
+    """One pool's counters in one process. Times are float seconds. The relay's request,
+    transaction and wait times go through account.py into `acc` and `hist` (bytearrays: one call
+    per transaction); counts of transactions, requests and server assignments are the sums of
+    their histograms."""
 
-    __slots__ = (
-        "received",
-        "sent",
-        "xact_time",
-        "query_time",
-        "wait_time",
-        "errors",
-        "error_classes",
-        "xact_hist",
-        "query_hist",
-        "wait_hist",
-        "xact_max",
-        "query_max",
-        "wait_max",
-    )
+    __slots__ = ("received", "sent", "errors", "error_classes", "acc", "hist", "at_once")
 
     def __init__(self) -> None:
-        self.received = 0  # bytes from clients
-        self.sent = 0  # bytes to clients
-        self.xact_time = 0.0
-        self.query_time = 0.0
-        self.wait_time = 0.0  # clients waiting for a server
+        # bytes from and to the clients that have left (and moved on to another worker); the
+        # current ones' are read from the kernel when asked (ClientConn.traffic)
+        self.received = 0
+        self.sent = 0
         self.errors = 0
         self.error_classes: dict[str, int] = {}  # SQLSTATE class (2 characters) -> count
-        self.xact_hist = [0] * (len(BOUNDS) + 1)
-        self.query_hist = [0] * (len(BOUNDS) + 1)
-        self.wait_hist = [0] * (len(BOUNDS) + 1)
-        # the longest of each since the period began (PeriodStats.roll resets them)
-        self.xact_max = self.query_max = self.wait_max = 0.0
+        self.acc = account.new_acc()
+        self.hist = account.new_hist()
+        self.at_once = 0  # servers lent without a wait: they count in the wait histogram's bucket 0
 
     def waited(self, seconds: float) -> None:
-        self.wait_time += seconds
-        self.wait_hist[bisect_left(BOUNDS, seconds)] += 1
-        if seconds > self.wait_max:
-            self.wait_max = seconds
+        account.waited(self.acc, self.hist, seconds)
 
     def error(self, sqlstate: str) -> None:
         self.errors += 1
         cls = sqlstate[:2]
         self.error_classes[cls] = self.error_classes.get(cls, 0) + 1
 
+    def maxima(self) -> dict[str, float]:
+        acc = memoryview(self.acc).cast("d")
+        return {"xact": acc[account.X_MAX], "query": acc[account.Q_MAX], "wait": acc[account.W_MAX]}
+
+    def reset_maxima(self) -> None:
+        acc = memoryview(self.acc).cast("d")
+        acc[account.X_MAX] = acc[account.Q_MAX] = acc[account.W_MAX] = 0.0
+
     def totals(self) -> dict[str, Any]:
         """Plain data (for the channel between processes, and for merging)."""
-        out: dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
-        out["xacts"] = sum(self.xact_hist)
-        out["queries"] = sum(self.query_hist)  # requests answered with ReadyForQuery
-        out["waits"] = sum(self.wait_hist)  # servers lent to clients: immediate ones are in wait_hist[0]
+        acc = memoryview(self.acc).cast("d")
+        hist = memoryview(self.hist).cast("q").tolist()
+        out: dict[str, Any] = {"received": self.received, "sent": self.sent, "errors": self.errors,
+                               "xact_time": acc[account.X_TIME], "query_time": acc[account.Q_TIME],
+                               "wait_time": acc[account.W_TIME]}
+        for name, at in account.HISTOGRAMS.items():
+            out[f"{name}_hist"] = hist[at : at + account.NB]
+        out["wait_hist"][0] += self.at_once
+        out["xacts"] = sum(out["xact_hist"])
+        out["queries"] = sum(out["query_hist"])  # requests answered with ReadyForQuery
+        out["waits"] = sum(out["wait_hist"])  # servers lent to clients: immediate ones wait 0
         out["error_classes"] = dict(self.error_classes)
-        for name in HISTOGRAMS:
-            out[f"{name}_hist"] = list(getattr(self, f"{name}_hist"))
         return out
 
 
@@ -95,8 +90,8 @@ class PeriodStats:
     def roll(self, stats: PoolStats, now: dict[str, Any], seconds: float) -> dict[str, Any] | None:
         """End a period of `seconds` at totals `now`: the deltas since the last roll become `last`
         (None for the first)."""
-        maxima = {"xact": stats.xact_max, "query": stats.query_max, "wait": stats.wait_max}
-        stats.xact_max = stats.query_max = stats.wait_max = 0.0
+        maxima = stats.maxima()
+        stats.reset_maxima()
         if self.previous is not None:
             self.last = subtract(now, self.previous)
             self.seconds = seconds
