@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgdoorman.pool")
 
 RETRY_DELAY = 0.5  # after a failed connect, before the next attempt for the same pool
+RECONNECTING = "reconnect requested (RECONNECT, or its address or login changed)"
 
 
 class Waiter(Protocol):
@@ -111,15 +112,21 @@ class Pool:
         since: when a client moved from another worker started waiting there; it is queued as if it
         had been waiting here since then (clients must not pay for a move with a second wait)."""
         idle = self.idle
-        while idle and not self.paused:
+        while idle:
             server = idle.pop()
-            if server.closed:
-                continue
-            if server.needs_check:  # idle longer than server_check_delay: checked first
-                self._check(server)
-                continue
-            self.stats.at_once += 1  # lent without a wait
-            return server
+            if not server.closed:
+                self.stats.at_once += 1  # lent without a wait
+                return server
+        self._queue(client, since)
+        return None
+
+    def _acquire_paused(self, client: Waiter, since: float = 0.0) -> ServerConn | None:
+        """acquire() while PAUSEd: every client waits (pause() puts this in its place, so that
+        the usual acquire tests nothing for it)."""
+        self._queue(client, since)
+        return None
+
+    def _queue(self, client: Waiter, since: float) -> None:
         client.waiting = True
         waiters = self.waiters
         if since:
@@ -133,7 +140,6 @@ class Pool:
             waiters.append(client)
         if len(self.servers) + self.connecting < self.pool_size and not self.paused:
             self._grow()
-        return None
 
     def load(self, now: float) -> Load:
         """This pool's LOAD report entry (see channel.Load); with nobody served since the last
@@ -166,14 +172,11 @@ class Pool:
             return
         if (server.pending or server.status != STATUS_IDLE or server.unsynced or server.copy_in
                 or server.doubt):  # not server.reusable(), inlined: once per transaction
-            server.close("released while not idle")
+            server.close(server.doubt or "released while not idle")
             return
         lifetime = self.cfg.server_lifetime
         if lifetime and server.last_used - server.created > lifetime:  # last_used: just now
             server.close("server lifetime reached")
-            return
-        if server.generation != self.generation:
-            server.close("reconnect: the server's address or login changed, or RECONNECT")
             return
         while self.waiters and not self.paused:
             client = self.waiters.popleft()
@@ -205,9 +208,11 @@ class Pool:
 
     def pause(self) -> None:
         self.paused = True
+        self.acquire = self._acquire_paused  # type: ignore[method-assign]
 
     def resume(self) -> None:
         self.paused = False
+        self.__dict__.pop("acquire", None)
         while self.idle and self.waiters:
             self.release(self.idle.pop())  # to the first waiter (or checked, or back to idle)
         if self.waiters:
@@ -228,10 +233,15 @@ class Pool:
             server.pending or server.status != STATUS_IDLE or server.unsynced or server.copy_in))
 
     def reconnect(self) -> None:
-        """Replace every server: idle ones now, the others when they are released."""
+        """Replace every server: idle ones now, the others when they are released (marked as not
+        to be lent again: release() closes them, at no cost to the usual release)."""
         self.generation += 1
-        for server in list(self.idle):
-            server.close("reconnect requested")
+        idle = set(self.idle)
+        for server in list(self.servers):
+            if server in idle:
+                server.close("reconnect requested")
+            else:
+                server.doubt = server.doubt or RECONNECTING
 
     def old_servers(self) -> int:
         return sum(1 for server in self.servers if server.generation != self.generation)
@@ -239,7 +249,6 @@ class Pool:
     def _check(self, server: ServerConn) -> None:
         """server_check_query on a server idle longer than server_check_delay, before it is lent:
         released again (to a waiter) if it answers, closed if not."""
-        server.needs_check = False
         server.checking = True
         server.hidden_error = None
         server.on_idle = self._checked
@@ -310,7 +319,9 @@ class Pool:
                 await server.ready
                 if self.cfg.connect_query:
                     await self._connect_query(server)
-            self.servers.add(server)  # only now: until ready it is counted in self.connecting
+            self.servers.add(server)
+            if server.generation != self.generation:  # RECONNECT while it connected
+                server.doubt = RECONNECTING  # only now: until ready it is counted in self.connecting
         except TimeoutError:
             server.close("connect timeout")
             raise ServerError(f"could not connect to server {host}:{port}: timeout") from None
@@ -369,7 +380,10 @@ class Pool:
             elif idle_timeout and now - server.last_used > idle_timeout and len(self.servers) > keep:
                 server.close("server idle timeout")
             elif check and now - server.last_used > check:
-                server.needs_check = True
+                # Idle longer than server_check_delay: out of the idle list until it has answered
+                # server_check_query (within a tick of the delay, so before it is lent again).
+                self.idle.remove(server)
+                self._check(server)
         missing = self.min_pool_size - len(self.servers) - self.connecting
         if missing > 0 and now >= self._retry_at and not self._closing and not self.removed:
             for _ in range(missing):

@@ -136,7 +136,6 @@ class ServerConn(ServerState, asyncio.Protocol):
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done", "times", "acc", "hist", "stats", "generation", "checking",
-        "needs_check",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -161,7 +160,6 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.hist = pool.stats.hist
         self.generation = pool.generation  # RECONNECT / a changed server address: replaced when released
         self.checking = False  # server_check_query in flight before it is lent
-        self.needs_check = False  # idle longer than server_check_delay (Pool.maintain)
         self.cancels_in_flight = 0
         self.parked = False  # released while a cancel was in flight
         self.refuse_transactions = False  # lent in statement mode

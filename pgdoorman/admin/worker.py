@@ -214,7 +214,7 @@ class WorkerControl:
             if server.client is not None:
                 active += 1
             elif server in idle_set:
-                if server.needs_check or (check_delay and now - server.last_used > check_delay):
+                if check_delay and now - server.last_used > check_delay:
                     used += 1
                 else:
                     idle += 1
@@ -295,9 +295,9 @@ class WorkerControl:
         if server.client is not None:
             state = "active"
         elif server in pool.idle:
-            state = "used" if server.needs_check else "idle"
+            state = "idle"
         else:
-            state = "tested"
+            state = "tested"  # being reset or checked (server_check_query)
         addr, port = _addr(server.transport, "peername")
         local_addr, local_port = _addr(server.transport, "sockname")
         client = server.client
