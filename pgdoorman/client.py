@@ -95,7 +95,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "_stmt_cap", "_strict", "_terminating", "_timer", "activity",
         "app", "cancel_key",
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
-        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base", "tracked",
+        "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base",
+        "bytes_final", "tracked",
         "transport",
         "wait_since", "waiting",
     )
@@ -126,6 +127,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.cancel_key: tuple[int, int] = (0, 0)
         # The kernel's byte counts of its socket when it came to this worker (metrics/tcpbytes.py)
         self.bytes_base: tuple[int, int] = (0, 0)
+        # its last count read (at its EOF, or a SHOW): a socket reset goes before connection_lost
+        self.bytes_final: tuple[int, int] | None = None
         self.connected_at = time.monotonic()
         # Idle timeouts: data_received only counts; housekeeping notes when the count moved.
         self.activity = 0
@@ -224,6 +227,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client shut down its side (often right after a Terminate): PostgreSQL would still
         answer what it was sent before closing, so keep the connection open for those replies."""
+        if self.pool is not None:  # the socket's byte counts, while it can still be asked
+            self.bytes_final = socket_bytes(self.transport.get_extra_info("socket"))
         server = self.server
         if self.state == ACTIVE and server is not None and not server.closed and not self._skip and (
                 server.pending or self._terminating):
@@ -926,6 +931,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if transport is None:
             return 0, 0
         received, sent = socket_bytes(transport.get_extra_info("socket"))
+        if received or sent:
+            self.bytes_final = (received, sent)
+        elif self.bytes_final is not None:  # the socket is gone: its last count (at EOF, or asked)
+            received, sent = self.bytes_final
         base_received, base_sent = self.bytes_base
         return max(0, received - base_received), max(0, sent - base_sent)
 

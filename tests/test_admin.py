@@ -383,3 +383,28 @@ def test_sighup_pool_size_change_is_visible(console):
     finally:
         for c in conns:
             c.close()
+
+
+def test_bytes_of_a_client_that_reset_its_connection(console):
+    """Bytes come from the kernel's counters of the client socket (TCP_INFO). A client that
+    vanishes with a RST (its socket is gone before the pooler hears of it) keeps what the last
+    reading saw: here a SHOW; a clean close or an EOF is read at that moment."""
+    import socket
+    import struct
+
+    from helpers import query_message, startup_packet
+
+    p = console(workers=1)
+    before = int(show(p, "STATS")[0]["total_sent"]) if show(p, "STATS") else 0
+    s = socket.create_connection((p.host, p.port))
+    s.sendall(startup_packet({"user": "trust_user", "database": "tx"}))
+    assert s.recv(65536)
+    s.sendall(query_message("SELECT repeat('x', 100000)"))
+    got = 0
+    while got < 100000:
+        got += len(s.recv(1 << 20))
+    assert int(show(p, "STATS")[0]["total_sent"]) - before > 100000  # read from the live socket
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # RST
+    assert wait_until(lambda: int(show(p, "STATS")[0]["total_sent"]) - before > 100000)
+    assert int(show(p, "STATS")[0]["total_received"]) > 0

@@ -35,6 +35,12 @@ def _addr(transport: Any, name: str) -> tuple[str, int]:
     return "unix", 0
 
 
+def _endpoints(transport: Any) -> dict[str, Any]:
+    addr, port = _addr(transport, "peername")
+    local_addr, local_port = _addr(transport, "sockname")
+    return {"addr": addr, "port": port, "local_addr": local_addr, "local_port": local_port}
+
+
 def _wall(monotonic: float, now: float, wall_now: float) -> float:
     return wall_now - (now - monotonic) if monotonic else 0.0
 
@@ -260,8 +266,6 @@ class WorkerControl:
     def _client_row(self, client: ClientConn, now: float, wall: float) -> dict[str, Any]:
         pool = client.pool
         assert pool is not None
-        addr, port = _addr(client.transport, "peername")
-        local_addr, local_port = _addr(client.transport, "sockname")
         if client.state != ACTIVE:
             state = "login"
         elif client.waiting:
@@ -274,10 +278,7 @@ class WorkerControl:
             "user": pool.user,
             "database": pool.cfg.name,
             "state": state,
-            "addr": addr,
-            "port": port,
-            "local_addr": local_addr,
-            "local_port": local_port,
+            **_endpoints(client.transport),
             "connect_time": _wall(client.connected_at, now, wall),
             "request_time": _wall(client.last_active, now, wall),
             "wait": now - client.wait_since if client.waiting else 0.0,
@@ -298,18 +299,13 @@ class WorkerControl:
             state = "idle"
         else:
             state = "tested"  # being reset or checked (server_check_query)
-        addr, port = _addr(server.transport, "peername")
-        local_addr, local_port = _addr(server.transport, "sockname")
         client = server.client
         return {
             "id": server.id,
             "user": pool.server_user,
             "database": pool.cfg.name,
             "state": state,
-            "addr": addr,
-            "port": port,
-            "local_addr": local_addr,
-            "local_port": local_port,
+            **_endpoints(server.transport),
             "connect_time": _wall(server.created, now, wall),
             "request_time": _wall(server.last_used, now, wall),
             "close_needed": server.generation != pool.generation,
