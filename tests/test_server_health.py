@@ -101,3 +101,19 @@ def test_removed_pool_finishes_its_clients_and_takes_no_new_ones(start_pooler):
     assert wait_until(lambda: "pool removed from the config" in p.log())
     with pconnect(p) as c:
         assert c.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_reload_adds_a_pool_and_a_user_in_every_worker(start_pooler):
+    p = start_pooler(pool_config("tx", "transaction", pool_size=2, users=("trust_user",)),
+                     {"workers": 2, "admin_password": ADMIN_PASSWORD})
+    extra = pool_config("added", "transaction", pool_size=2, users=("trust_user", "md5_user"))
+    from helpers import render_toml
+
+    p.config_path.write_text(p.config_path.read_text() + "\n" + render_toml({"pools": extra}))
+    with aconnect(p) as admin:
+        admin.execute("RELOAD")
+    for _ in range(4):  # whichever worker each lands on
+        with pconnect(p, dbname="added") as c, pconnect(p, dbname="added", user="md5_user") as d:
+            assert c.execute("SELECT 1").fetchone() == (1,) and d.execute("SELECT 2").fetchone() == (2,)
+    assert {(r["database"], r["user"]) for r in show(p, "POOLS")} >= {("added", "trust_user"),
+                                                                       ("added", "md5_user")}
