@@ -264,6 +264,12 @@ class Acceptor:
         self.config = config
         set_log_level(config.general.log_level)
         self._plan_shares(config)
+        # Pool indices may have changed: balance only on reports made after the workers reload.
+        now = time.monotonic()
+        for worker in self.workers:
+            worker.loads = {}
+            worker.loads_at = 0.0
+        self._balanced_at = dict.fromkeys(range(len(self._shares)), now)
 
     def status_line(self) -> str:
         return f"{sum(w.clients for w in self.workers)} clients, {len(self.workers)} workers"
@@ -372,8 +378,8 @@ class Acceptor:
         fresh = [w for w in self.workers if w.channel is not None and now - w.loads_at < STALE_LOAD]
         waiting = {i for w in fresh for i, load in w.loads.items() if load[1]}
         for index in waiting:
-            if now - self._balanced_at.get(index, 0.0) < BALANCE_PAUSE:
-                continue
+            if index >= len(self._shares) or now - self._balanced_at.get(index, 0.0) < BALANCE_PAUSE:
+                continue  # (a report from before a reload that removed pools)
             shares = self._shares[index]
             # workers without a report for the pool have no clients of it: all their servers are free
             loads = {w: w.loads.get(index, (0, 0, 0.0, shares[w.index], 0.0)) for w in self.workers

@@ -365,6 +365,8 @@ class App:
         """Pass up to `count` of this pool's most recent waiters to worker `to`, which has servers
         free or shorter waits (the acceptor decides from our LOAD reports)."""
         assert self._channel is not None
+        if pool_index >= len(self._pool_list):
+            return  # decided on a report from before a reload
         pool = self._pool_list[pool_index]
         moving = [c for c in reversed(pool.waiters) if isinstance(c, ClientConn) and c.movable()][:count]
         moved = 0
