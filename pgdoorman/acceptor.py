@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgdoorman import channel, sdnotify
 from pgdoorman.admin import coordinate
@@ -34,9 +34,11 @@ from pgdoorman.channel import Assembler, Load
 from pgdoorman.config import Config, ConfigError, pool_keys, pool_share
 from pgdoorman.listen import listening_sockets
 from pgdoorman.logs import set_log_level
-from pgdoorman.metrics.http import MetricsServer
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
+
+if TYPE_CHECKING:
+    from pgdoorman.metrics.http import MetricsServer
 
 log = logging.getLogger("pgdoorman")
 TICK = 0.25
@@ -508,6 +510,8 @@ class Acceptor:
         supervisor = loop.create_task(self._supervise())
         prometheus = self.config.prometheus
         if prometheus.enabled:
+            from pgdoorman.metrics.http import MetricsServer  # (prometheus_client: only when enabled)
+
             self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
             await self._metrics.start(prometheus.host, prometheus.port)
         sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")

@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgdoorman import channel, ids, sdnotify
 from pgdoorman.admin import coordinate
@@ -24,9 +24,11 @@ from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import RESTART_KEYS, Config, ConfigError, parse_config, pool_keys, pool_share
 from pgdoorman.listen import listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
-from pgdoorman.metrics.http import MetricsServer
 from pgdoorman.pool import Pool
 from pgdoorman.protocol import codes
+
+if TYPE_CHECKING:
+    from pgdoorman.metrics.http import MetricsServer
 
 log = logging.getLogger("pgdoorman")
 GC_THRESHOLD = 20000
@@ -219,6 +221,8 @@ class App:
             self._listeners = await serve_on(socks, lambda: ClientConn(self))
             prometheus = self.config.prometheus
             if prometheus.enabled:
+                from pgdoorman.metrics.http import MetricsServer  # (prometheus_client: only when enabled)
+
                 self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
                 await self._metrics.start(prometheus.host, prometheus.port)
         else:

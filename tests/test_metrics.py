@@ -116,3 +116,18 @@ def test_debian_exporter_scrapes_the_console(start_pooler):
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode(errors="replace")
     assert "Traceback" not in out, out
+
+
+def test_single_process_serves_metrics_too(start_pooler):
+    port = free_port("127.0.0.1")
+    p = start_pooler(pool_config("tx", "transaction", pool_size=1),
+                     {"admin_password": ADMIN_PASSWORD, "workers": 1},
+                     prometheus={"enabled": True, "port": port})
+    with pconnect(p) as c:
+        for _ in range(3):
+            c.execute("SELECT 1")
+    status, text = scrape(port)
+    assert status == 200
+    got = samples(text)
+    assert got[("pgbouncer_stats_totals_sql_transactions_pooled_total", (("database", "tx"),))] == 3
+    assert scrape(port, "/health")[0] == 200
