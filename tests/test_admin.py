@@ -403,7 +403,8 @@ def test_bytes_of_a_client_that_reset_its_connection(console):
     got = 0
     while got < 100000:
         got += len(s.recv(1 << 20))
-    assert int(show(p, "STATS")[0]["total_sent"]) - before > 100000  # read from the live socket
+    # read from the live socket (acknowledged bytes: a delayed ACK may still be on its way)
+    assert wait_until(lambda: int(show(p, "STATS")[0]["total_sent"]) - before > 100000)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()  # RST
     assert wait_until(lambda: int(show(p, "STATS")[0]["total_sent"]) - before > 100000)
