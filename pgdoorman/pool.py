@@ -38,6 +38,16 @@ class Waiter(Protocol):
 
 
 class Pool:
+    # Slots: an instance dict of more than 30 keys loses CPython's inline values, and every
+    # attribute read on the lend path (idle, waiters, cfg, ...) then becomes a dict lookup.
+    __slots__ = (
+        "_closing", "_retry_at", "_server_side", "application_name", "cfg", "clients", "connecting",
+        "general", "generation", "idle", "listener", "min_pool_size", "mode", "name", "paused", "period",
+        "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
+        "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
+        "servers", "stats", "user", "user_cfg", "waited", "waiters", "welcomes",
+    )
+
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
                  pool_size: int | None = None, min_pool_size: int | None = None) -> None:
         """pool_size / min_pool_size: this worker's share of the configured limits (default: all)."""
@@ -73,7 +83,7 @@ class Pool:
                   pool_size: int | None = None, min_pool_size: int | None = None) -> None:
         """Take the (re)loaded config: sizes and timeouts apply at once; a changed server address
         or login replaces the servers as they are released (the clients keep their own mode)."""
-        server_side = getattr(self, "_server_side", None)
+        server_side = getattr(self, "_server_side", None)  # None: the first configure
         self.cfg = pool_cfg
         self.user_cfg = user_cfg
         self.general = general
@@ -112,17 +122,11 @@ class Pool:
         since: when a client moved from another worker started waiting there; it is queued as if it
         had been waiting here since then (clients must not pay for a move with a second wait)."""
         idle = self.idle
-        while idle:
+        while idle and not self.paused:
             server = idle.pop()
             if not server.closed:
                 self.stats.at_once += 1  # lent without a wait
                 return server
-        self._queue(client, since)
-        return None
-
-    def _acquire_paused(self, client: Waiter, since: float = 0.0) -> ServerConn | None:
-        """acquire() while PAUSEd: every client waits (pause() puts this in its place, so that
-        the usual acquire tests nothing for it)."""
         self._queue(client, since)
         return None
 
@@ -208,11 +212,9 @@ class Pool:
 
     def pause(self) -> None:
         self.paused = True
-        self.acquire = self._acquire_paused  # type: ignore[method-assign]
 
     def resume(self) -> None:
         self.paused = False
-        self.__dict__.pop("acquire", None)
         while self.idle and self.waiters:
             self.release(self.idle.pop())  # to the first waiter (or checked, or back to idle)
         if self.waiters:
