@@ -49,8 +49,7 @@ class App:
         self.pools: dict[tuple[str, str], Pool] = {}
         self._pool_list: list[Pool] = []  # by pool index, as the acceptor numbers them
         self.worker = worker
-        self._worker = worker
-        self._workers = workers
+        self.workers = workers
         self._reported_load = False
         self._channel: socket.socket | None = None
         self._outbox: channel.Outbox | None = None
@@ -87,7 +86,7 @@ class App:
         # Salts of mock and plain-password SCRAM exchanges (auth/mock.py): the same in every worker.
         self.auth_key = auth_key(secret for pool in config.pools.values() for user in pool.users.values()
                                  for secret in (user.password, user.server_password) if secret)
-        worker, workers = self._worker, self._workers
+        worker, workers = self.worker, self.workers
         keys = pool_keys(config)
         pools: dict[tuple[str, str], Pool] = {}
         for index, (db, user) in enumerate(keys):
@@ -167,7 +166,7 @@ class App:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def _answer_acceptor(self, request_id: int, request: dict[str, Any]) -> None:
-        log.debug("worker %d: console request %s", self._worker, request.get("op"))
+        log.debug("worker %d: console request %s", self.worker, request.get("op"))
         result = await self.answer(request)
         if self._outbox is not None:
             self._outbox.put(channel.parts(channel.REPLY, request_id, result))
@@ -188,7 +187,7 @@ class App:
                 if self._closed_unreported >= CLOSE_NOTE_BATCH:
                     self._report_closed()  # else on the next tick: one message, one wake-up
                 # A key another worker issued: the client moved here ((0, 0): it never logged in).
-                if client.cancel_key != (0, 0) and client.cancel_key[1] % self._workers != self._worker:
+                if client.cancel_key != (0, 0) and client.cancel_key[1] % self.workers != self.worker:
                     try:
                         channel.send(self._channel, channel.pack(channel.KEY_GONE, client.cancel_key))
                     except OSError:

@@ -306,7 +306,7 @@ class AdminConn(asyncio.Protocol):
                 raise ConsoleError(codes.SYNTAX_ERROR, "SET needs: SET key = value")
             key, value = match.group(1).lower(), match.group(2)
             results = await self.app.ask({"op": "set", "key": key, "value": value})
-            self._raise_failed(results, "SET failed")
+            self._raise_failed(results, codes.CONFIG_FILE_ERROR, "SET failed: ")
             return self._restart_notice(results) + m.message(b"C", m.cstr(f"SET {key}={value}"))
         if verb == "shutdown":
             mode = _SHUTDOWN_MODES.get(arg.lower())
@@ -319,9 +319,7 @@ class AdminConn(asyncio.Protocol):
             if words:
                 raise ConsoleError(codes.SYNTAX_ERROR, "RELOAD takes no argument")
             results = await self.app.ask({"op": "reload"})
-            for result in results:
-                if isinstance(result, dict) and "error" in result:
-                    raise ConsoleError(codes.CONFIG_FILE_ERROR, result["error"])
+            self._raise_failed(results, codes.CONFIG_FILE_ERROR)
             return self._restart_notice(results) + m.message(b"C", b"RELOAD\0")
         if len(words) > 1:
             raise ConsoleError(codes.SYNTAX_ERROR, f"{verb.upper()} takes at most one argument")
@@ -338,17 +336,15 @@ class AdminConn(asyncio.Protocol):
             raise ConsoleError(codes.PROTOCOL_VIOLATION, f"no such database: {target}")
         log.info("%s: %s %s from the console", self.id, verb.upper(), target or "(all)")
         results = await self.app.ask({"op": verb, "db": target})
-        self._raise_failed(results, f"{verb.upper()} failed")
+        self._raise_failed(results, codes.INTERNAL_ERROR, f"{verb.upper()} failed: ")
         return m.message(b"C", m.cstr(verb.upper()))
 
     @staticmethod
-    def _raise_failed(results: list[Any], what: str) -> None:
+    def _raise_failed(results: list[Any], code: str, prefix: str = "") -> None:
+        """A worker's {"error": ...} answer becomes the console's ErrorResponse."""
         for result in results:
             if isinstance(result, dict) and "error" in result:
-                raise ConsoleError(
-                    codes.CONFIG_FILE_ERROR if what == "SET failed" else codes.INTERNAL_ERROR,
-                    f"{what}: {result['error']}",
-                )
+                raise ConsoleError(code, f"{prefix}{result['error']}")
 
     @staticmethod
     def _restart_notice(results: list[Any]) -> bytes:

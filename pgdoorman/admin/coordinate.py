@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pgdoorman import sdnotify
 from pgdoorman.config import Config, ConfigError, load_config, parse_config, render_config
+from pgdoorman.metrics.stats import percentile
 
 if TYPE_CHECKING:
     from pgdoorman.app import App
@@ -86,8 +87,6 @@ async def single(app: App, request: dict[str, Any]) -> list[Any]:
 
 def stats_line(last: dict[str, Any], seconds: float) -> str:
     """PgBouncer's periodic stats line for one pool's last period."""
-    from pgdoorman.metrics.stats import percentile
-
     xacts, queries = last["xacts"], last["queries"]
     waits = last["waits"]
     return (

@@ -90,16 +90,20 @@ def merged_pools(snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 have[name] += pool[name]
             have["maxwait"] = max(have["maxwait"], pool["maxwait"])
             have["paused"] = have["paused"] or pool["paused"]
-            have["totals"] = add(have["totals"], pool["totals"])
-            if pool["period"] is not None:
-                have["period"] = (
-                    pool["period"] if have["period"] is None else add(have["period"], pool["period"])
-                )
-                have["period_seconds"] = max(have["period_seconds"], pool["period_seconds"])
-            have["maxima"] = {k: max(v, have["maxima"].get(k, 0.0)) for k, v in pool["maxima"].items()} or (
-                have["maxima"]
-            )
+            _add_counters(have, pool)
+            maxima = dict(have["maxima"])
+            for name, value in pool["maxima"].items():
+                maxima[name] = max(value, maxima.get(name, 0.0))
+            have["maxima"] = maxima
     return list(out.values())
+
+
+def _add_counters(have: dict[str, Any], other: dict[str, Any]) -> None:
+    """have += other: totals, and the last period's deltas (None until a worker has a period)."""
+    have["totals"] = add(have["totals"], other["totals"])
+    if other["period"] is not None:
+        have["period"] = other["period"] if have["period"] is None else add(have["period"], other["period"])
+        have["period_seconds"] = max(have["period_seconds"], other["period_seconds"])
 
 
 def _by_database(pools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -114,12 +118,7 @@ def _by_database(pools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "period_seconds": pool["period_seconds"],
             }
         else:
-            have["totals"] = add(have["totals"], pool["totals"])
-            if pool["period"] is not None:
-                have["period"] = (
-                    pool["period"] if have["period"] is None else add(have["period"], pool["period"])
-                )
-                have["period_seconds"] = max(have["period_seconds"], pool["period_seconds"])
+            _add_counters(have, pool)
     return out
 
 

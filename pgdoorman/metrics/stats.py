@@ -21,7 +21,6 @@ from pgdoorman.metrics import account
 BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(96))
 PROMETHEUS_EVERY = 4
 PROMETHEUS_BOUNDS: tuple[float, ...] = BOUNDS[::PROMETHEUS_EVERY]
-HISTOGRAMS = tuple(account.HISTOGRAMS)
 
 
 class PoolStats:
