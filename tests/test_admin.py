@@ -409,3 +409,24 @@ def test_bytes_of_a_client_that_reset_its_connection(console):
     s.close()  # RST
     assert wait_until(lambda: int(show(p, "STATS")[0]["total_sent"]) - before > 100000)
     assert int(show(p, "STATS")[0]["total_received"]) > 0
+
+
+def test_console_input_split_at_every_byte_and_pipelined(console):
+    """Console requests cut at every byte boundary, and several in one read, get the same answers."""
+    from helpers import query_message as query
+    from rawproto import read_replies, rows_of, send_split, via
+
+    p = console(workers=1, general={"stats_users": ["trust_user"]})
+    conn = via(p, db="pgdoorman")  # trust_user: a stats user with no password
+    try:
+        request = query("SHOW VERSION")
+        for cut in range(1, len(request)):
+            send_split(conn, request, cuts=(cut,), pause=0.01)
+            assert rows_of(read_replies(conn))[0][0].startswith("pgdoorman")
+        conn.send(query("SHOW STATE") + query("show version;") + query("SHOW LISTS"))
+        replies = read_replies(conn, ready=3)
+        rows = rows_of(replies)
+        assert ["paused", "no"] in rows and any(r[0].startswith("pgdoorman") for r in rows)
+        assert ["databases", "1"] in rows
+    finally:
+        conn.close()
