@@ -361,8 +361,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         if payload and client is not None:
             client.transport.write(payload)
         if ready >= 0:
-            self.last_used = time.monotonic()  # _on_ready, inlined: once per transaction
-            done(self.times, self.acc, self.hist, ready == _STATUS_IDLE)  # metrics/account.py
+            # metrics/account.py; its clock reading is last_used (_on_ready, inlined: once per transaction)
+            self.last_used = done(self.times, self.acc, self.hist, ready == _STATUS_IDLE)
             if client is not None:
                 client.on_ready(ready)
             elif self.on_idle is not None:

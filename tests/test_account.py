@@ -3,6 +3,7 @@ and the histograms give the percentiles and Prometheus buckets the console and /
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -18,8 +19,17 @@ from pgdoorman.metrics.stats import BOUNDS, PoolStats, percentile, prometheus_bu
 def test_bucket_twins_agree_and_match_the_bounds(seconds):
     at = _account.bucket(seconds)
     assert at == account.py_bucket(seconds)
-    assert at == 96 or seconds <= BOUNDS[at] * (1 + 1e-9)
-    assert at == 0 or seconds > BOUNDS[at - 1] * (1 - 1e-9)
+    assert at == 96 or seconds <= BOUNDS[at]
+    assert at == 0 or seconds > BOUNDS[at - 1]
+
+
+@pytest.mark.parametrize("at", range(len(BOUNDS)))
+def test_bucket_edges(at):
+    """A bound itself is its bucket's top; the next float up starts the next bucket."""
+    bound = BOUNDS[at]
+    assert _account.bucket(bound) == account.py_bucket(bound) == at
+    above = math.nextafter(bound, math.inf)
+    assert _account.bucket(above) == account.py_bucket(above) == at + 1
 
 
 @pytest.mark.parametrize("impl", ["c", "python"])
@@ -28,7 +38,9 @@ def test_begin_done_waited(impl):
                            else (account.py_begin, account.py_done, account.py_waited))
     stats = PoolStats()
     times = account.new_times()
-    done(times, stats.acc, stats.hist, True)  # nothing begun: nothing counted (a pooler query)
+    before = time.monotonic()
+    now = done(times, stats.acc, stats.hist, True)  # nothing begun: nothing counted (a pooler query)
+    assert before <= now <= time.monotonic()  # the clock it read: the server's last_used
     assert stats.totals()["queries"] == 0
     begin(times)
     first = memoryview(times).cast("d")[0]

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
 
 /* must match account.py */
@@ -20,16 +21,32 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* The bucket of a duration: bounds are 1e-5 * 2**(i/4), i = 0..95; bucket i holds
- * (bound[i-1], bound[i]], bucket 0 everything up to 1e-5, bucket 96 the rest. */
+/* The bucket of a duration: bounds are 1e-5 * 2**(i/4), i = 0..95 (the table stats.py's BOUNDS
+ * holds, computed by the same pow); bucket i holds (bound[i-1], bound[i]], bucket 0 everything up
+ * to 1e-5, bucket 96 the rest. The float's exponent and top two mantissa bits of seconds/1e-5
+ * give the index to within two (log2(1 + f) lies in [f, f + 0.086]), and the exact table
+ * comparisons settle it: a dozen instructions where log2 cost ~50. */
+static double bounds[NB - 1];
+
 static int bucket(double seconds)
 {
-    if (!(seconds > 1e-5))
+    if (!(seconds > bounds[0]))
         return 0;
-    double i = ceil(4.0 * log2(seconds / 1e-5) - 1e-9);
-    if (i > 96)
-        return 96;
-    return (int)i;
+    if (!(seconds <= bounds[NB - 2]))
+        return NB - 1;
+    double scaled = seconds * 1e5;
+    uint64_t bits;
+    memcpy(&bits, &scaled, sizeof bits);
+    int i = 4 * ((int)((bits >> 52) & 0x7ff) - 1023) + (int)((bits >> 50) & 3);
+    if (i < 1)
+        i = 1;
+    if (i > NB - 2)
+        i = NB - 2;
+    while (bounds[i] < seconds)
+        i++;
+    while (i > 1 && bounds[i - 1] >= seconds)
+        i--;
+    return i;
 }
 
 static int buffers(PyObject *const *args, double **times, double **acc, int64_t **hist)
@@ -75,8 +92,9 @@ static void add(double *acc, int64_t *hist, int time_at, int hist_at, double sec
     hist[hist_at + bucket(seconds)]++;
 }
 
-/* done(times, acc, hist, idle): ReadyForQuery ended the client's request (idle: and its
- * transaction). Nothing when no client request was timed (a pooler query of its own). */
+/* done(times, acc, hist, idle) -> now: ReadyForQuery ended the client's request (idle: and its
+ * transaction). Nothing is counted when no client request was timed (a pooler query of its own).
+ * Returns the monotonic time it read, the server's last_used, so the relay reads the clock once. */
 static PyObject *done(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     double *times, *acc;
@@ -87,16 +105,16 @@ static PyObject *done(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (buffers(args, &times, &acc, &hist) < 0)
         return NULL;
-    if (times[0] == 0.0)
-        Py_RETURN_NONE;
     double now = now_s();
+    if (times[0] == 0.0)
+        return PyFloat_FromDouble(now);
     add(acc, hist, Q_TIME, H_QUERY, now - times[0]);
     times[0] = 0.0;
     if (PyObject_IsTrue(args[3])) {
         add(acc, hist, X_TIME, H_XACT, now - times[1]);
         times[1] = 0.0;
     }
-    Py_RETURN_NONE;
+    return PyFloat_FromDouble(now);
 }
 
 /* waited(acc, hist, seconds): a client got a server after waiting this long (0: at once). */
@@ -136,5 +154,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "pgdoorman.metrics._a
 
 PyMODINIT_FUNC PyInit__account(void)
 {
+    for (int i = 0; i < NB - 1; i++)
+        bounds[i] = 1e-5 * pow(2.0, i / 4.0);
     return PyModule_Create(&module);
 }

@@ -11,9 +11,9 @@ Layouts (native doubles and int64):
 
 from __future__ import annotations
 
-import math
 import os
 import time
+from bisect import bisect_left
 
 NB = 97
 ACC_FIELDS = ("query_time", "query_max", "xact_time", "xact_max", "wait_time", "wait_max")
@@ -34,11 +34,15 @@ def new_hist() -> bytearray:
     return bytearray(8 * 3 * NB)
 
 
+# The histogram's upper bounds (stats.BOUNDS is this table; _account.c computes the same by pow).
+BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(NB - 1))
+
+
 def py_bucket(seconds: float) -> int:
-    """Bounds are 1e-5 * 2**(i/4): bucket i holds (bound i-1, bound i]; 0 is up to 1e-5, 96 the rest."""
+    """Bucket i holds (BOUNDS[i-1], BOUNDS[i]]; 0 is up to 1e-5 (and NaN), 96 the rest."""
     if not seconds > 1e-5:
         return 0
-    return min(96, math.ceil(4.0 * math.log2(seconds / 1e-5) - 1e-9))
+    return bisect_left(BOUNDS, seconds)
 
 
 def _add(acc: memoryview[float], hist: memoryview[int], time_at: int, hist_at: int, seconds: float) -> None:
@@ -57,11 +61,12 @@ def py_begin(times: bytearray) -> None:
             t[1] = now
 
 
-def py_done(times: bytearray, acc: bytearray, hist: bytearray, idle: bool) -> None:
+def py_done(times: bytearray, acc: bytearray, hist: bytearray, idle: bool) -> float:
+    """Returns the monotonic time it read (the server's last_used)."""
+    now = time.monotonic()
     t: memoryview[float] = memoryview(times).cast("d")
     if t[0] == 0.0:
-        return
-    now = time.monotonic()
+        return now
     a: memoryview[float] = memoryview(acc).cast("d")
     h: memoryview[int] = memoryview(hist).cast("q")
     _add(a, h, Q_TIME, H_QUERY, now - t[0])
@@ -69,6 +74,7 @@ def py_done(times: bytearray, acc: bytearray, hist: bytearray, idle: bool) -> No
     if idle:
         _add(a, h, X_TIME, H_XACT, now - t[1])
         t[1] = 0.0
+    return now
 
 
 def py_waited(acc: bytearray, hist: bytearray, seconds: float) -> None:

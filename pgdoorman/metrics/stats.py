@@ -18,7 +18,7 @@ from pgdoorman.metrics import account
 # percentile read from them is within 19 % of the true value, which is what p50/p90/p99 need;
 # every fourth bound is a power-of-two multiple of 10 µs, the coarser buckets Prometheus gets
 # (PROMETHEUS_BOUNDS).
-BOUNDS: tuple[float, ...] = tuple(1e-5 * 2 ** (i / 4) for i in range(96))
+BOUNDS = account.BOUNDS
 PROMETHEUS_EVERY = 4
 PROMETHEUS_BOUNDS: tuple[float, ...] = BOUNDS[::PROMETHEUS_EVERY]
 
