@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -19,9 +20,12 @@ from pgdoorman.admin import coordinate
 from pgdoorman.admin.console import AdminConn
 from pgdoorman.admin.worker import WorkerControl
 from pgdoorman.auth import auth_key
+from pgdoorman.auth.jwt import JwtKeyCache
+from pgdoorman.backend.tls import ServerTls, server_tls
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import RESTART_KEYS, Config, ConfigError, parse_config, pool_keys, pool_share
+from pgdoorman.frontend.tls import ClientTls, client_tls
 from pgdoorman.listen import listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
 from pgdoorman.pool import Pool
@@ -42,6 +46,9 @@ class App:
 
     def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
         self.config = config
+        self.tls = ClientTls()  # set by apply_config
+        self.server_tls = ServerTls()
+        self.jwt_keys = JwtKeyCache()  # re-read when a key file changes; emptied on reload
         ids.configure(worker, workers)
         self.cancels = CancelRegistry(worker, workers)
         self.auth_key = b""
@@ -83,6 +90,20 @@ class App:
             restart.append("prometheus")
         self.config = config
         set_log_level(config.general.log_level)
+        self.jwt_keys.clear()
+        try:  # re-read on every reload: a renewed certificate serves the next connections
+            self.tls = client_tls(config.general)
+        except (OSError, ssl.SSLError) as exc:  # changed since the loader checked it
+            log.error("TLS towards clients: cannot load %s: %s (keeping the previous certificate)",
+                      config.general.tls_certificate, exc)
+            if old is config:  # starting: nothing to keep
+                raise
+        try:
+            self.server_tls = server_tls(config.general)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS towards servers: cannot load its files: %s (keeping the previous ones)", exc)
+            if old is config:
+                raise
         # Salts of mock and plain-password SCRAM exchanges (auth/mock.py): the same in every worker.
         self.auth_key = auth_key(secret for pool in config.pools.values() for user in pool.users.values()
                                  for secret in (user.password, user.server_password) if secret)
@@ -94,13 +115,18 @@ class App:
             user_cfg = pool_cfg.users[user]
             size = pool_share(user_cfg.pool_size, index, worker, workers)
             min_size = pool_share(user_cfg.min_pool_size, index, worker, workers)
+            if size == 0 and self.tls.enabled:
+                # A TLS client cannot be handed to another worker (its session is in this process):
+                # every worker keeps a server of a pool smaller than the number of workers.
+                size = 1
             pool = self.pools.get((db, user))
             if pool is None:
-                pool = Pool(pool_cfg, user_cfg, config.general, pool_size=size, min_pool_size=min_size)
+                pool = Pool(pool_cfg, user_cfg, config.general, pool_size=size, min_pool_size=min_size,
+                            tls=self.server_tls)
                 if self.is_paused(db):
                     pool.pause()
             else:
-                pool.configure(pool_cfg, user_cfg, config.general, size, min_size)
+                pool.configure(pool_cfg, user_cfg, config.general, size, min_size, self.server_tls)
                 pool.grow_for_waiters()  # a larger pool_size serves those waiting at once
             pools[(db, user)] = pool
         for key, pool in self.pools.items():
@@ -362,6 +388,23 @@ class App:
             log.info("%s: cannot reroute: %s", client.id, exc)
         finally:
             os.close(fd)
+        return True
+
+    def reroute_cancel(self, request: bytes, cancel_key: tuple[int, int]) -> bool:
+        """A CancelRequest that came over TLS for a key another worker issued: the TLS socket must
+        stay here, so the request goes on over one end of a fresh socket pair."""
+        if self._channel is None:
+            return False
+        ours, theirs = socket.socketpair()
+        try:
+            message = channel.pack(channel.REROUTE, (request, "", "", cancel_key))
+            channel.send(self._channel, message, theirs.fileno())
+            log.info("cancel request over TLS passed on to the worker of key %d", cancel_key[1])
+        except OSError as exc:
+            log.info("cannot pass on a cancel request: %s", exc)
+        finally:
+            theirs.close()
+            ours.close()  # the other worker reads the request from what it was given, not the socket
         return True
 
     def _move_clients(self, pool_index: int, count: int, to: int) -> None:

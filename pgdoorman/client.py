@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import UNKNOWN, AuthFailed, StoredSecret, mock_method, parse_secret
+from pgdoorman.frontend.login import Peer, admitted, jwt_checker, login_method
 from pgdoorman.frontend.notify import LISTEN_SQL, Listener, channels_read, listen_sql
 from pgdoorman.frontend.password import PasswordExchange
 from pgdoorman.frontend.pins import HELD_SQL, PIN, held_state, refusal
@@ -31,6 +32,7 @@ from pgdoorman.frontend.settings import (
 )
 from pgdoorman.frontend.sqlprepare import PREPARED_SQL, Prepared, read_prepared, replay_prepared
 from pgdoorman.frontend.statements import HOLD, UNCHANGED, UNNAMED_KEEP, StatementMapping
+from pgdoorman.frontend.tls import TLS_RECORD_HANDSHAKE
 from pgdoorman.metrics.account import begin
 from pgdoorman.metrics.tcpbytes import socket_bytes
 from pgdoorman.prepared import Statement
@@ -65,9 +67,11 @@ from pgdoorman.server import (
     tracked_values,
     with_tracked,
 )
+from pgdoorman.tlswrap import reason, start_tls
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    import ssl
+    from collections.abc import Callable, Iterable
 
     from pgdoorman.app import App
     from pgdoorman.config import UserConfig
@@ -82,6 +86,8 @@ STARTUP, AUTH, WAIT_LOGIN, ACTIVE, CLOSED = range(5)
 ADMIN_DATABASES = ("pgdoorman", "pgbouncer")  # the console's virtual database (admin/console.py)
 SESSION, TRANSACTION, STATEMENT = "session", "transaction", "statement"
 _STATUS_IDLE = 73
+# Where a client's TLS stands: none yet, handshaking (after an SSLRequest, or direct), or on TLS
+_NO_TLS, _TLS_REQUESTED, _TLS_DIRECT, _TLS_ON = range(4)
 
 
 class ClientConn(StatementMapping, asyncio.Protocol):
@@ -97,7 +103,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base",
         "bytes_final", "tracked",
-        "transport",
+        "tls", "_tls_state", "transport",
         "wait_since", "waiting",
     )
 
@@ -175,11 +181,16 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._startup: dict[str, str] = {}
         self._moved = moved
         self._rerouted = final
+        self.tls: ssl.SSLObject | None = None  # its TLS session (frontend/tls.py)
+        self._tls_state = _NO_TLS
 
     # --- connection events ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._tls_state != _NO_TLS:  # the TLS handshake is done: the same client, now encrypted
+            self._tls_ready()
+            return
         if self._moved is not None:
             self._arrive(self._moved)
             return
@@ -260,6 +271,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         while self.state in (STARTUP, AUTH):
             if self.state == STARTUP:
+                if (buf and buf[0] == TLS_RECORD_HANDSHAKE and self._tls_state == _NO_TLS
+                        and self.app.tls.enabled):
+                    self._start_tls(_TLS_DIRECT, bytes(buf))  # PostgreSQL 17's sslnegotiation=direct
+                    buf.clear()
+                    return
                 if len(buf) < 4:
                     return
                 length = _unpack_i32(buf, 0)[0]
@@ -289,12 +305,28 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         """packet: the startup packet after its length; raw: everything read so far, from its start
         (what another worker needs to take this client over)."""
         code = _unpack_i32(packet, 0)[0]
-        if code in (codes.SSL_REQUEST_CODE, codes.GSSENC_REQUEST_CODE) and len(packet) == 4:
-            self.transport.write(b"N")  # TLS/GSS come later; libpq then continues in clear text
+        if code == codes.SSL_REQUEST_CODE and len(packet) == 4 and self._tls_state == _NO_TLS:
+            if self.app.tls.enabled and not self._rerouted and self.peer != "unix":
+                if self._buf:  # CVE-2021-23214: bytes injected before the handshake are refused
+                    raise m.ProtocolError("received unencrypted data after SSL request")
+                self.transport.write(b"S")
+                self._start_tls(_TLS_REQUESTED, b"")
+                return
+            self.transport.write(b"N")  # libpq then continues in clear text (or gives up)
+            return
+        if code == codes.GSSENC_REQUEST_CODE and len(packet) == 4 and self._tls_state == _NO_TLS:
+            self.transport.write(b"N")
             return
         if code == codes.CANCEL_REQUEST_CODE and len(packet) == 12:
             pid, key = struct.unpack_from("!ii", packet, 4)
             if not self._rerouted and not self.app.cancels.known(pid, key):
+                if self.tls is not None and self.app.reroute_cancel(raw, (pid, key)):
+                    # its socket cannot leave this process, the request can: counted as moved on
+                    self.state = CLOSED
+                    self._cancel_timer()
+                    self.app.client_moved_out(self)
+                    self.transport.close()
+                    return
                 if self.app.reroute(self, raw, "", "", (pid, key)):
                     return
             self.app.cancels.forward(pid, key)
@@ -315,6 +347,12 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         database = params.get("database") or user
         self._startup = params
+        peer = self._peer_facts()
+        decision = admitted(self.app.config, peer, database, user)
+        if decision.refusal is not None:
+            log.info("%s: %s: %s/%s refused: %s", self.id, self.peer, database, user, decision.why)
+            self.fatal(*decision.refusal)
+            return
         if database in ADMIN_DATABASES:
             self.app.admin_login(self, params, bytes(self._buf))
             return
@@ -336,15 +374,56 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self._mock_auth(u for p in self.app.config.pools.values() for u in p.users.values())
             return
         pool = self.app.pool_for(database, user)
-        if pool is not None and pool.pool_size == 0 and not self._rerouted:
+        if pool is not None and pool.pool_size == 0 and not self._rerouted and self.tls is None:
             # This worker has no share of the pool's servers (pool_size < workers): another has.
             if self.app.reroute(self, raw, database, user, None):
                 return
         if pool is None:
             self._mock_auth(pool_cfg.users.values())
             return
+        secret = parse_secret(pool.user_cfg.password, user)
+        decision = login_method(self.app.config, decision, secret, peer)
+        if decision.refusal is not None:
+            log.info("%s: %s refused: %s", self.id, self.peer, decision.why)
+            self.fatal(*decision.refusal)
+            return
         self._join(pool)
-        self._begin_auth(parse_secret(pool.user_cfg.password, user))
+        self._begin_auth(secret, decision.method)
+
+    def _start_tls(self, how: int, already_read: bytes) -> None:
+        self._tls_state = how
+        context = self.app.tls.context
+        assert context is not None
+        start_tls(self, self.transport, context, server_side=True, failed=self._tls_failed,
+                  timeout=self.app.config.general.client_login_timeout, already_read=already_read)
+
+    def _tls_ready(self) -> None:
+        """connection_made from the SSL protocol: the handshake is done."""
+        direct = self._tls_state == _TLS_DIRECT
+        self._tls_state = _TLS_ON
+        self.tls = self.transport.get_extra_info("ssl_object")
+        if self.state == CLOSED:  # the login timeout struck during the handshake
+            self.transport.close()
+            return
+        if direct and (self.tls is None or self.tls.selected_alpn_protocol() != "postgresql"):
+            # PostgreSQL 17 too: ALPN is what tells a PostgreSQL client from any other TLS client
+            self.fatal(codes.PROTOCOL_VIOLATION,
+                       "received direct SSL connection request without ALPN protocol negotiation extension")
+            return
+        log.debug("%s: %s TLS on (%s)", self.id, self.peer, self.tls.version() if self.tls else "?")
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        why = f"TLS handshake failed: {reason(exc)}"
+        if self.state != CLOSED:
+            log.info("%s: %s %s", self.id, self.peer, why)
+        self._finish(why)
+        self.transport.close()
+
+    def _peer_facts(self) -> Peer:
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            return Peer(local=False, address=str(peer[0]), tls=self.tls)
+        return Peer(local=True, address=None, tls=self.tls)
 
     def _join(self, pool: Pool) -> None:
         self.pool = pool
@@ -366,12 +445,19 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def _begin_auth(self, secret: StoredSecret, method: str = "") -> None:
         """method: what to ask for (default: what the secret needs); UNKNOWN never authenticates."""
         self.state = AUTH
-        self._exchange = PasswordExchange(secret, method, self.app.auth_key, self._startup.get("user", ""))
+        cbind = self.app.tls.cbind if self.tls is not None else None
+        self._exchange = PasswordExchange(secret, method, self.app.auth_key, self._startup.get("user", ""),
+                                          cbind=cbind, jwt=self._jwt_check(secret))
         first = self._exchange.start()
         if first is None:
             self._auth_ok()
         else:
             self.transport.write(first)
+
+    def _jwt_check(self, secret: StoredSecret) -> Callable[[str], None] | None:
+        if secret.kind != "jwt":
+            return None
+        return jwt_checker(self.app.config, self.app.jwt_keys, secret, self._startup.get("user", ""))
 
     def _auth_response(self, body: bytes) -> None:
         assert self._exchange is not None
@@ -1008,7 +1094,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if self.state == CLOSED:
             return
         log.info("%s: %s error %s: %s", self.id, self.peer, code, message)
-        self.transport.write(m.error_response(code, message, "FATAL", detail, hint))
+        if self._tls_state not in (_TLS_REQUESTED, _TLS_DIRECT):  # mid-handshake it cannot be read
+            self.transport.write(m.error_response(code, message, "FATAL", detail, hint))
         self.close(message)
 
     def close(self, reason: str) -> None:
@@ -1118,7 +1205,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
                 and not self._terminating and not self.channels  # (its subscription stays here)
                 and self._held is not None and not self._partial and not self._skip and not self._paused
-                and self._verify_hold is None and not self._drop
+                and self._verify_hold is None and not self._drop and self.tls is None  # (its TLS session)
                 and not self.transport.get_write_buffer_size())
 
     def detach_socket(self) -> int:

@@ -69,6 +69,8 @@ class Cluster:
     roles: list[Role] = field(default_factory=list)
     databases: list[str] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
+    hba: list[str] | None = None  # pg_hba.conf lines instead of the default (one line per role)
+    files: dict[str, bytes] = field(default_factory=dict)  # written into the data dir (TLS keys)
     host: str = "127.0.0.1"
     port: int = 0
     datadir: str = ""
@@ -113,6 +115,15 @@ class Cluster:
         hba = ["local all all trust", f"host all {SUPERUSER} 127.0.0.1/32 trust"]
         hba += [f"host all {r.name} 127.0.0.1/32 {r.method}" for r in self.roles]
         hba.append("host all all 127.0.0.1/32 scram-sha-256")
+        if self.hba is not None:
+            hba = ["local all all trust", *self.hba]
+        for name, data in self.files.items():
+            path = os.path.join(self.datadir, name)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, 0o600)  # PostgreSQL refuses a key file others may read
+            if os.geteuid() == 0:
+                shutil.chown(path, "postgres", "postgres")
         with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as f:
             f.write("\n".join(hba) + "\n")
 

@@ -9,6 +9,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pgdoorman.auth import parse_secret
+from pgdoorman.backend.tls import ServerTls, server_tls
 from pgdoorman.channel import Load
 from pgdoorman.config import GeneralConfig, PoolConfig, UserConfig
 from pgdoorman.metrics.stats import PeriodStats, PoolStats
@@ -45,16 +46,18 @@ class Pool:
         "general", "generation", "idle", "listener", "min_pool_size", "mode", "name", "paused", "period",
         "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
         "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
-        "servers", "stats", "user", "user_cfg", "waited", "waiters", "welcomes",
+        "servers", "stats", "tls", "user", "user_cfg", "waited", "waiters", "welcomes",
     )
 
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
-                 pool_size: int | None = None, min_pool_size: int | None = None) -> None:
-        """pool_size / min_pool_size: this worker's share of the configured limits (default: all)."""
+                 pool_size: int | None = None, min_pool_size: int | None = None,
+                 tls: ServerTls | None = None) -> None:
+        """pool_size / min_pool_size: this worker's share of the configured limits (default: all);
+        tls: the worker's TLS towards servers (default: built from general)."""
         self.user = user_cfg.username
         self.name = f"{pool_cfg.name}/{user_cfg.username}"
         self.generation = 0
-        self.configure(pool_cfg, user_cfg, general, pool_size, min_pool_size)
+        self.configure(pool_cfg, user_cfg, general, pool_size, min_pool_size, tls)
         self.registry = Registry(max(self.prepared_cache_size, 1))
         self.idle: list[ServerConn] = []
         self.waiters: deque[Waiter] = deque()
@@ -80,13 +83,15 @@ class Pool:
         self.removed = False
 
     def configure(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
-                  pool_size: int | None = None, min_pool_size: int | None = None) -> None:
+                  pool_size: int | None = None, min_pool_size: int | None = None,
+                  tls: ServerTls | None = None) -> None:
         """Take the (re)loaded config: sizes and timeouts apply at once; a changed server address
         or login replaces the servers as they are released (the clients keep their own mode)."""
         server_side = getattr(self, "_server_side", None)  # None: the first configure
         self.cfg = pool_cfg
         self.user_cfg = user_cfg
         self.general = general
+        self.tls = server_tls(general) if tls is None else tls
         self.mode = user_cfg.pool_mode
         self.pool_size = user_cfg.pool_size if pool_size is None else pool_size
         self.min_pool_size = user_cfg.min_pool_size if min_pool_size is None else min_pool_size
@@ -106,7 +111,9 @@ class Pool:
         self.prepared_enabled = general.prepared_statements and pool_cfg.prepared_statements_cache_size > 0
         self.prepared_cache_size = pool_cfg.prepared_statements_cache_size
         self._server_side = (pool_cfg.server_host, pool_cfg.server_port, pool_cfg.server_database,
-                             self.server_user, password, self.application_name, pool_cfg.connect_query)
+                             self.server_user, password, self.application_name, pool_cfg.connect_query,
+                             general.server_tls_mode, general.server_tls_ca_file,
+                             general.server_tls_certificate, general.server_channel_binding)
         if server_side is not None and server_side != self._server_side:
             log.info("%s: server address or login changed: servers are replaced as they are released",
                      self.name)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from pgdoorman import ids
-from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response
+from pgdoorman.auth import AuthFailed, ScramClient, md5_hash, md5_salted_response, tls_server_end_point
 from pgdoorman.metrics.account import done, new_times
 from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
@@ -50,13 +50,19 @@ from pgdoorman.protocol.scan import (
     scan_replies,
 )
 from pgdoorman.protocol.state import HAS_REF, ServerState
+from pgdoorman.tlswrap import reason, start_tls
 
 if TYPE_CHECKING:
+    import ssl
+
     from pgdoorman.pool import Pool
 
 log = logging.getLogger("pgdoorman.server")
 _unpack_len = struct.Struct("!I").unpack_from
 _unpack_i32 = struct.Struct("!i").unpack_from
+_SSL_REQUEST = struct.pack("!ii", 8, codes.SSL_REQUEST_CODE)
+# Where its TLS stands: none, SSLRequest sent, handshaking, on
+_NO_TLS, _TLS_ASKED, _TLS_HANDSHAKE, _TLS_ON = range(4)
 
 SYNTH_REPLY = {SYNTH_CLOSE: m.close_complete()}
 
@@ -136,6 +142,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done", "times", "acc", "hist", "stats", "generation", "checking",
+        "tls", "_tls_state", "_cbind",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -198,20 +205,76 @@ class ServerConn(ServerState, asyncio.Protocol):
         self._need = 0  # the length _partial must reach before it is scanned
         self._skip = 0
         self._synth_z = -1  # status of a ReadyForQuery the pooler just answered itself (SYNTH_QUERY)
+        self.tls: ssl.SSLObject | None = None  # its TLS session (backend/tls.py)
+        self._tls_state = _NO_TLS
+        self._cbind: bytes | None = None  # the server certificate's tls-server-end-point
 
     # --- handshake ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._tls_state == _TLS_HANDSHAKE:  # the SSL protocol: the handshake is done
+            self._tls_on()
+            return
         sock = transport.get_extra_info("socket")
-        if self.pool.general.tcp_keepalive and sock is not None and sock.family != socket.AF_UNIX:
+        tcp = sock is not None and sock.family != socket.AF_UNIX
+        if self.pool.general.tcp_keepalive and tcp:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tcp and self.pool.tls.context is not None:
+            self._tls_state = _TLS_ASKED
+            self.transport.write(_SSL_REQUEST)
+            return
+        self._send_startup()
+
+    def _tls_answer(self, data: bytes) -> None:
+        """The server's one-byte answer to our SSLRequest."""
+        tls = self.pool.tls
+        answer, rest = data[:1], data[1:]
+        if answer == b"S":
+            if rest:  # CVE-2021-23222: nothing may come before the handshake
+                self._fail_handshake(ServerError("received unencrypted data after SSL response"))
+                return
+            assert tls.context is not None and self.transport is not None
+            self._tls_state = _TLS_HANDSHAKE
+            host = self.pool.cfg.server_host
+            start_tls(self, self.transport, tls.context, server_side=False, failed=self._tls_failed,
+                      timeout=self.pool.general.server_connect_timeout, server_hostname=tls.hostname(host))
+        elif answer == b"N" and not tls.required:
+            self._tls_state = _NO_TLS
+            self._send_startup()
+            if rest:
+                self._handshake(rest)
+        elif answer == b"N":
+            self._fail_handshake(ServerError("server does not support SSL, but SSL was required"))
+        else:  # an ErrorResponse from a server too old for SSLRequest, or garbage
+            self._fail_handshake(ServerError(f"received invalid response to SSL negotiation: {answer!r}"))
+
+    def _tls_on(self) -> None:
+        assert self.transport is not None
+        self._tls_state = _TLS_ON
+        self.tls = self.transport.get_extra_info("ssl_object")
+        der = self.tls.getpeercert(binary_form=True) if self.tls is not None else None
+        if der and self.pool.tls.channel_binding != "disable":
+            try:
+                self._cbind = tls_server_end_point(der)
+            except ValueError as exc:  # e.g. an Ed25519 certificate: PostgreSQL cannot bind either
+                log.info("%s: %s no channel binding: %s", self.id, self.pool.name, exc)
+        self._send_startup()
+
+    def _tls_failed(self, exc: BaseException) -> None:
+        self._fail_handshake(ServerError(f"TLS handshake with the server failed: {reason(exc)}"))
+
+    def _send_startup(self) -> None:
+        assert self.transport is not None
         params = {"user": self.pool.server_user, "database": self.pool.server_database}
         if self.pool.application_name:
             params["application_name"] = self.pool.application_name
         self.transport.write(m.startup_message(params))
 
     def _handshake(self, data: bytes) -> None:
+        if self._tls_state == _TLS_ASKED:
+            self._tls_answer(data)
+            return
         self._inbuf += data
         buf = self._inbuf
         while len(buf) >= 5:
@@ -257,6 +320,11 @@ class ServerConn(ServerState, asyncio.Protocol):
     def _auth_request(self, code: int, data: bytes) -> None:
         assert self.transport is not None
         password = self.pool.server_password
+        if self.pool.tls.channel_binding == "require" and code in (
+                codes.AUTH_OK, codes.AUTH_CLEARTEXT, codes.AUTH_MD5) and not self._scram:
+            # libpq's channel_binding=require: only a SCRAM-SHA-256-PLUS login is good enough
+            raise ServerError("channel binding required, but server authenticated client without "
+                              "channel binding")
         if code == codes.AUTH_OK:
             return
         if password is None:
@@ -269,10 +337,11 @@ class ServerConn(ServerState, asyncio.Protocol):
             hashed = password if pool.server_password_is_md5 else md5_hash(password, pool.server_user)
             self.transport.write(m.password_message(m.cstr(md5_salted_response(hashed, data[:4]))))
         elif code == codes.AUTH_SASL:
-            if b"SCRAM-SHA-256\0" not in data:
-                raise ServerError("server offers no supported SASL mechanism")
-            self._scram = ScramClient(password)
-            self.transport.write(m.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first()))
+            offered = [name.decode("ascii", "replace") for name in data.split(b"\0") if name]
+            mechanism = ScramClient.choose_mechanism(offered, self._cbind,
+                                                     self.pool.tls.channel_binding == "require")
+            self._scram = ScramClient(password, cbind_data=self._cbind, mechanism=mechanism)
+            self.transport.write(m.sasl_initial_response(mechanism, self._scram.client_first()))
         elif code == codes.AUTH_SASL_CONTINUE and self._scram:
             self.transport.write(m.password_message(self._scram.handle_server_first(data)))
         elif code == codes.AUTH_SASL_FINAL and self._scram:
@@ -730,11 +799,11 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.pending.append(HIDDEN_QUERY)
         self.transport.write(m.query(sql))
 
-    def close(self, reason: str) -> None:
+    def close(self, why: str) -> None:
         if self.closed:
             return
         self.closed = True
-        log.info("%s: %s closing because: %s", self.id, self.pool.name, reason)
+        log.info("%s: %s closing because: %s", self.id, self.pool.name, why)
         if self.transport is not None:
             if not self._handshaking:
                 self.transport.write(m.TERMINATE)

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pgdoorman.client import ACTIVE, ClientConn
+from pgdoorman.frontend.tls import describe
 from pgdoorman.protocol import codes
 
 if TYPE_CHECKING:
@@ -285,6 +286,7 @@ class WorkerControl:
             "link": server.id if server is not None else "",
             "remote_pid": server.backend_pid if server is not None else 0,
             "application_name": client.params.get("application_name", ""),
+            "tls": describe(client.tls),
             "prepared_statements": len(client.stmts),
             "in_transaction": client.in_transaction,
             "pinned": bool(client.pinned_by()),

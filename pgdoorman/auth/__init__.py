@@ -5,11 +5,21 @@ Everything here is pure (no sockets, no asyncio): protocol framing belongs to th
 
 from pgdoorman.auth.md5 import md5_hash, md5_salted_response, md5_verify
 from pgdoorman.auth.mock import UNKNOWN, auth_key, mock_method, mock_scram, plain_salt
-from pgdoorman.auth.scram import MECHANISM, ScramClient, ScramServer, saslprep, scram_verifier
+from pgdoorman.auth.scram import (
+    MECHANISM,
+    MECHANISM_PLUS,
+    ScramClient,
+    ScramServer,
+    saslprep,
+    scram_verifier,
+    server_mechanisms,
+    tls_server_end_point,
+)
 from pgdoorman.auth.secrets import AuthFailed, ScramVerifier, StoredSecret, parse_secret
 
 __all__ = [
     "MECHANISM",
+    "MECHANISM_PLUS",
     "UNKNOWN",
     "AuthFailed",
     "ScramClient",
@@ -26,4 +36,6 @@ __all__ = [
     "plain_salt",
     "saslprep",
     "scram_verifier",
+    "server_mechanisms",
+    "tls_server_end_point",
 ]

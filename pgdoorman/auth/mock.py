@@ -54,6 +54,7 @@ def mock_method(kinds: Iterable[str]) -> str:
     return "md5" if md5 > other else "scram"
 
 
-def mock_scram(key: bytes, user: str) -> ScramServer:
-    """A SCRAM exchange that always fails at the proof."""
-    return ScramServer(UNKNOWN, mock_salt=mock_salt(key, user))
+def mock_scram(key: bytes, user: str, cbind_data: bytes | None = None) -> ScramServer:
+    """A SCRAM exchange that always fails at the proof; cbind_data as a known user's would have, so
+    SCRAM-SHA-256-PLUS gets as far as the proof too."""
+    return ScramServer(UNKNOWN, mock_salt=mock_salt(key, user), cbind_data=cbind_data)

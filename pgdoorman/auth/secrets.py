@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pgdoorman.auth.md5 import md5_hash
 
 SCRAM_PREFIX = "SCRAM-SHA-256$"
+JWT_PREFIX = "jwt-pkey-fpath:"  # PgDoorman's: the client's password is a JWT signed for this key
 SCRAM_KEY_LEN = 32  # SHA-256 digest size
 MAX_ITERATIONS = 2**31 - 1  # PostgreSQL keeps the count in an int
 
@@ -77,10 +78,11 @@ def _b64decode(text: str, what: str) -> bytes:
 class StoredSecret:
     """A user's configured password, classified. repr hides the secret parts (it ends up in logs)."""
 
-    kind: str  # "trust" (empty password), "plain", "md5", "scram"
+    kind: str  # "trust" (empty password), "plain", "md5", "scram", "jwt"
     plain: str | None = field(default=None, repr=False)
     md5: str | None = field(default=None, repr=False)  # also derived from plain, so md5 auth works
     scram: ScramVerifier | None = None
+    key_path: str | None = None  # "jwt": the public key the client's token must be signed for
 
 
 def parse_secret(password: str, username: str) -> StoredSecret:
@@ -96,4 +98,6 @@ def parse_secret(password: str, username: str) -> StoredSecret:
         return StoredSecret("md5", md5=password.lower())
     if password.startswith(SCRAM_PREFIX):
         return StoredSecret("scram", scram=ScramVerifier.parse(password))
+    if password.startswith(JWT_PREFIX) and len(password) > len(JWT_PREFIX):
+        return StoredSecret("jwt", key_path=password[len(JWT_PREFIX):])
     return StoredSecret("plain", plain=password, md5=md5_hash(password, username))

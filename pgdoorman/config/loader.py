@@ -14,10 +14,13 @@ from typing import Any
 from .durations import parse_duration
 from .locate import LineIndex, Path
 from .schema import (
+    CHANNEL_BINDINGS,
     LOG_FORMATS,
     LOG_LEVELS,
     PIN_POLICIES,
     POOL_MODES,
+    SERVER_TLS_MODES,
+    TLS_MODES,
     Config,
     ConfigError,
     GeneralConfig,
@@ -25,6 +28,7 @@ from .schema import (
     PrometheusConfig,
     UserConfig,
 )
+from .tlsfiles import check_ca, check_pair, parse_protocols, resolve
 
 _GENERAL_KEYS = tuple(f.name for f in fields(GeneralConfig))
 _POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "name")
@@ -272,7 +276,115 @@ def _general(root: _Table) -> GeneralConfig:
         workers=g.integer("workers", d.workers, lo=0, hi=MAX_WORKERS),
         max_message_size=g.integer("max_message_size", d.max_message_size),
         tcp_keepalive=g.boolean("tcp_keepalive", d.tcp_keepalive),
+        **_tls(g, d),
+        **_security(g, d),
     )
+
+
+def _security(g: _Table, d: GeneralConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "hba_file": resolve(g.string("hba_file", d.hba_file), g.file),
+        "hba": g.string("hba", d.hba),
+        "jwt_claim": g.string("jwt_claim", d.jwt_claim, nonempty=True),
+        "jwt_leeway": g.duration("jwt_leeway", d.jwt_leeway),
+        "jwt_audience": g.string("jwt_audience", d.jwt_audience),
+        "jwt_allow_cleartext": g.boolean("jwt_allow_cleartext", d.jwt_allow_cleartext),
+    }
+    if out["hba_file"] and out["hba"]:
+        raise g.error("hba", "give hba_file or hba, not both")
+    return out
+
+
+def _hba_rules(root: _Table, general: GeneralConfig) -> Any:
+    """Parse the hba rules; an error names the rule's file and line (the config file's own line for
+    inline `hba` text)."""
+    from pgdoorman.auth.hba import HbaError, parse_hba
+
+    offset: int | None = 0  # the file line of the text's line 0; None: all on one line
+    if general.hba_file:
+        try:
+            with open(general.hba_file, encoding="utf-8") as f:
+                text, path = f.read(), general.hba_file
+        except (OSError, UnicodeDecodeError) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise root.error(("general", "hba_file"), f"cannot read {general.hba_file}: {why}") from None
+    elif general.hba:
+        text, path = general.hba, root.file
+        key_line = root.lines.line_of(("general", "hba"))
+        raw_lines = root.lines.source_lines
+        opener = raw_lines[key_line - 1].rstrip() if 0 < key_line <= len(raw_lines) else ""
+        triple = ('"' * 3, "'" * 3)
+        if not any(quote in opener for quote in triple):
+            offset = None  # a one-line string with \n escapes: every rule is on the key's line
+        else:  # a triple quote then a newline: TOML drops that newline, the first rule is below
+            offset = key_line if opener.endswith(triple) else key_line - 1
+    else:
+        return None
+    try:
+        return parse_hba(text, path)
+    except HbaError as e:
+        line = root.lines.line_of(("general", "hba")) if offset is None else e.line + offset
+        raise ConfigError(f"{path}:{line}: {e.message}", path=path, line=line,
+                          key="general.hba_file" if general.hba_file else "general.hba",
+                          reason=e.message) from None
+
+
+def _tls(g: _Table, d: GeneralConfig) -> dict[str, Any]:
+    """The TLS keys of [general], with their files checked: an error names the key that points at
+    the broken file, so the operator knows which line to fix."""
+    def path(key: str) -> str:
+        return resolve(g.string(key, getattr(d, key)), g.file)
+
+    out: dict[str, Any] = {
+        "tls_mode": g.enum("tls_mode", d.tls_mode, TLS_MODES),
+        "tls_certificate": path("tls_certificate"),
+        "tls_private_key": path("tls_private_key"),
+        "tls_ca_file": path("tls_ca_file"),
+        "tls_ciphers": g.string("tls_ciphers", d.tls_ciphers),
+        "tls_protocols": g.string("tls_protocols", d.tls_protocols),
+        "server_tls_mode": g.enum("server_tls_mode", d.server_tls_mode, SERVER_TLS_MODES),
+        "server_tls_ca_file": path("server_tls_ca_file"),
+        "server_tls_certificate": path("server_tls_certificate"),
+        "server_tls_key": path("server_tls_key"),
+        "server_tls_protocols": g.string("server_tls_protocols", d.server_tls_protocols),
+        "server_channel_binding": g.enum("server_channel_binding", d.server_channel_binding,
+                                         CHANNEL_BINDINGS),
+    }
+    for key in ("tls_protocols", "server_tls_protocols"):
+        try:
+            parse_protocols(out[key])
+        except ValueError as exc:
+            raise g.error(key, str(exc)) from None
+    if out["tls_mode"] != "disable":
+        for key in ("tls_certificate", "tls_private_key"):
+            if not out[key]:
+                raise g.error("tls_mode", f"tls_mode = {out['tls_mode']!r} needs {key}")
+    if out["tls_mode"] in ("verify-ca", "verify-full") and not out["tls_ca_file"]:
+        raise g.error("tls_mode", f"tls_mode = {out['tls_mode']!r} needs tls_ca_file to check client "
+                                  "certificates against")
+    if out["server_tls_mode"] in ("verify-ca", "verify-full") and not out["server_tls_ca_file"]:
+        raise g.error("server_tls_mode", f"server_tls_mode = {out['server_tls_mode']!r} needs "
+                                         "server_tls_ca_file")
+    if bool(out["server_tls_certificate"]) != bool(out["server_tls_key"]):
+        missing = "server_tls_key" if out["server_tls_certificate"] else "server_tls_certificate"
+        raise g.error("server_tls_certificate" if missing == "server_tls_key" else "server_tls_key",
+                      f"needs {missing} too")
+    checks: list[tuple[str, Any]] = []
+    if out["tls_certificate"] and out["tls_private_key"]:
+        checks.append(("tls_certificate", lambda: check_pair(out["tls_certificate"], out["tls_private_key"])))
+    if out["tls_ca_file"]:
+        checks.append(("tls_ca_file", lambda: check_ca(out["tls_ca_file"])))
+    if out["server_tls_ca_file"]:
+        checks.append(("server_tls_ca_file", lambda: check_ca(out["server_tls_ca_file"])))
+    if out["server_tls_certificate"]:
+        checks.append(("server_tls_certificate",
+                       lambda: check_pair(out["server_tls_certificate"], out["server_tls_key"])))
+    for key, check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            raise g.error(key, str(exc)) from None
+    return out
 
 
 def _syntax_error(path: str, text: str, e: tomllib.TOMLDecodeError) -> ConfigError:
@@ -300,7 +412,8 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     prometheus = PrometheusConfig(enabled=prom.boolean("enabled", d.enabled),
                                   host=prom.string("host", d.host, nonempty=True),
                                   port=prom.integer("port", d.port, lo=1, hi=65535))
-    return Config(general=general, pools=pools, path=path, prometheus=prometheus, text=text)
+    return Config(general=general, pools=pools, path=path, prometheus=prometheus, text=text,
+                  hba_rules=_hba_rules(root, general))
 
 
 def load_config(path: str) -> Config:

@@ -86,6 +86,7 @@ class LineIndex:
     """Maps dotted key paths to the 1-based line that defines them."""
 
     def __init__(self, text: str) -> None:
+        self.source_lines = text.split("\n")  # (a key's own line: where inline hba text starts)
         self._explicit: dict[Path, int] = {}  # headers and assigned keys
         self._implicit: dict[Path, int] = {}  # tables created implicitly by a deeper header or dotted key
         table: Path = ()

@@ -7,12 +7,18 @@ them for keys a file leaves out. Durations are float seconds; 0 means "disabled 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 POOL_MODES = ("session", "transaction", "statement")
 # What to do with a client whose session holds state that cannot move (frontend/pins.py).
 PIN_POLICIES = ("pin", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# TLS towards clients (PgBouncer's client_tls_sslmode): verify-* ask for a client certificate.
+TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# TLS towards servers (libpq's sslmode, without allow: "prefer" is what libpq and PgBouncer default to)
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+CHANNEL_BINDINGS = ("disable", "prefer", "require")
 # Keys read only at start: a reload that changes them says they need a restart.
 RESTART_KEYS = ("host", "port", "unix_socket_dir", "workers", "log_format")
 
@@ -114,6 +120,28 @@ class GeneralConfig:
     workers: int = 0  # worker processes; 0 = one per CPU core
     max_message_size: int = 0  # 0 = unlimited
     tcp_keepalive: bool = True
+    # TLS towards clients (frontend/tls.py). Paths are as given or relative to the config file.
+    tls_mode: str = "disable"
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_file: str = ""  # CAs client certificates are checked against
+    tls_ciphers: str = ""  # "" = the ssl module's secure default list (TLS 1.3 suites are fixed)
+    tls_protocols: str = "secure"  # "secure" = TLS 1.2 and 1.3; or "tlsv1.2", "tlsv1.3", "tlsv1.2,tlsv1.3"
+    # TLS towards servers (backend/tls.py)
+    server_tls_mode: str = "prefer"
+    server_tls_ca_file: str = ""
+    server_tls_certificate: str = ""  # a client certificate for mutual TLS
+    server_tls_key: str = ""
+    server_tls_protocols: str = "secure"
+    server_channel_binding: str = "prefer"  # SCRAM-SHA-256-PLUS towards servers when on TLS
+    # Access rules in pg_hba.conf format (auth/hba.py): a file, or the same text inline
+    hba_file: str = ""
+    hba: str = ""
+    # JWT logins (auth/jwt.py): a user whose password is "jwt-pkey-fpath:/path/public.pem"
+    jwt_claim: str = "sub"  # the claim that must equal the user name
+    jwt_leeway: float = 30.0  # clock skew allowed on exp, nbf and iat
+    jwt_audience: str = ""  # "" = tokens with an aud claim are refused; else aud must hold this
+    jwt_allow_cleartext: bool = False  # a token is a bearer credential: TLS only unless allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +158,5 @@ class Config:
     path: str = "<config>"
     prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
     text: str = field(default="", repr=False, compare=False)  # the TOML it came from (reload, SET)
+    # The parsed hba rules of general.hba_file / general.hba (auth/hba.py HbaRules), None: none
+    hba_rules: Any = field(default=None, repr=False, compare=False)
