@@ -471,7 +471,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if reply:
             self.transport.write(reply)
         if done:
-            self._exchange = None
+            scram, self._exchange = self._exchange.scram, None
+            pool = self.pool
+            if scram is not None and pool is not None and pool.passthrough is not None:
+                pool.scram_keys = (scram.client_key, scram.server_key)  # for its server logins
             self._auth_ok()
 
     def _auth_ok(self) -> None:

@@ -47,6 +47,7 @@ class Pool:
         "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
         "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
         "servers", "stats", "tls", "user", "user_cfg", "waited", "waiters", "welcomes",
+        "passthrough", "scram_keys",
     )
 
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
@@ -99,12 +100,21 @@ class Pool:
         self.server_database = pool_cfg.server_database
         self.application_name = pool_cfg.application_name
         password = user_cfg.server_password
+        # SCRAM pass-through (as PgBouncer): the pooler holds only the user's verifier, and logs in
+        # to PostgreSQL with the ClientKey recovered from a client's proof (ScramServer.client_key).
+        # The server's verifier must be the same one: same salt and iteration count.
+        passthrough = None
         if password is None:
             client_secret = parse_secret(user_cfg.password, user_cfg.username)
             if client_secret.kind == "plain":
                 password = client_secret.plain
             elif client_secret.kind == "md5" and self.server_user == self.user:
                 password = client_secret.md5  # an md5 hash is all md5 server auth needs
+            elif client_secret.kind == "scram" and self.server_user == self.user:
+                passthrough = client_secret.scram
+        if passthrough != getattr(self, "passthrough", None):
+            self.scram_keys: tuple[bytes, bytes] | None = None  # (ClientKey, ServerKey) once a client proved
+        self.passthrough = passthrough
         self.server_password = password
         self.server_password_is_md5 = (
             password is not None and parse_secret(password, self.server_user).kind == "md5")
@@ -394,6 +404,8 @@ class Pool:
                 self.idle.remove(server)
                 self._check(server)
         missing = self.min_pool_size - len(self.servers) - self.connecting
+        if self.passthrough is not None and self.scram_keys is None:
+            missing = 0  # pass-through: no server login until a client has proved its password
         if missing > 0 and now >= self._retry_at and not self._closing and not self.removed:
             for _ in range(missing):
                 self._spawn_connect()

@@ -327,6 +327,9 @@ class ServerConn(ServerState, asyncio.Protocol):
                               "channel binding")
         if code == codes.AUTH_OK:
             return
+        if password is None and self.pool.passthrough is not None:
+            self._passthrough_auth(code, data)
+            return
         if password is None:
             raise ServerError(f"no password for server login of user \"{self.pool.server_user}\"",
                               codes.INVALID_PASSWORD)
@@ -348,6 +351,33 @@ class ServerConn(ServerState, asyncio.Protocol):
             self._scram.verify_server_final(data)
         else:
             raise ServerError(f"unsupported server authentication request {code}")
+
+    def _passthrough_auth(self, code: int, data: bytes) -> None:
+        """Log in with the ClientKey a client's SCRAM proof gave us (Pool.scram_keys)."""
+        assert self.transport is not None
+        pool = self.pool
+        verifier = pool.passthrough
+        assert verifier is not None
+        if code == codes.AUTH_SASL:
+            if pool.scram_keys is None:
+                raise ServerError(f'SCRAM pass-through for user "{pool.server_user}": no client has '
+                                  "logged in yet", codes.INVALID_PASSWORD)
+            offered = [name.decode("ascii", "replace") for name in data.split(b"\0") if name]
+            mechanism = ScramClient.choose_mechanism(offered, self._cbind,
+                                                     pool.tls.channel_binding == "require")
+            client_key, server_key = pool.scram_keys
+            self._scram = ScramClient.from_keys(client_key, server_key, salt=verifier.salt,
+                                                iterations=verifier.iterations, cbind_data=self._cbind,
+                                                mechanism=mechanism)
+            self.transport.write(m.sasl_initial_response(mechanism, self._scram.client_first()))
+        elif code == codes.AUTH_SASL_CONTINUE and self._scram:
+            self.transport.write(m.password_message(self._scram.handle_server_first(data)))
+        elif code == codes.AUTH_SASL_FINAL and self._scram:
+            self._scram.verify_server_final(data)
+        else:
+            raise ServerError(f'the server asks user "{pool.server_user}" for authentication {code}, but '
+                              "the pooler holds only a SCRAM verifier (pass-through needs scram-sha-256 "
+                              "on the server)", codes.INVALID_PASSWORD)
 
     def _fail_handshake(self, exc: ServerError) -> None:
         if not self.ready.done():
