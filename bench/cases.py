@@ -33,11 +33,11 @@ def pgbench_run(target: Target, spec: pgbench.PgbenchSpec, case: str, round_no: 
 
 
 async def _idle(target: Target, root: int, user: str, database: str, count: int,
-                batch: int) -> IdleRecord:
+                batch: int, tls: bool) -> IdleRecord:
     before = procstats.rss_bytes(procstats.tree(root))
     clients = IdleClients()
     try:
-        await clients.open(target.host, target.port, user, database, count, batch=batch)
+        await clients.open(target.host, target.port, user, database, count, batch=batch, tls=tls)
         await asyncio.sleep(1.0)  # let the pooler settle (and free any per-login garbage)
         with_clients = procstats.rss_bytes(procstats.tree(root))
         n = len(clients.writers)
@@ -47,12 +47,14 @@ async def _idle(target: Target, root: int, user: str, database: str, count: int,
     return IdleRecord(target.name, count, n, before, with_clients, per_client, dict(clients.errors))
 
 
-def idle_clients(target: Target, user: str, database: str, count: int, batch: int = 250) -> IdleRecord:
-    """RSS of the pooler before and with `count` logged-in idle clients; bytes per client."""
+def idle_clients(target: Target, user: str, database: str, count: int, batch: int = 250,
+                 tls: bool = False) -> IdleRecord:
+    """RSS of the pooler before and with `count` logged-in idle clients (over TLS if `tls`); bytes per
+    client."""
     root = target.pid()
     if root is None:
         raise ValueError(f"{target.name} has no pooler process to measure")
     started = time.monotonic()
-    record = asyncio.run(_idle(target, root, user, database, count, batch))
+    record = asyncio.run(_idle(target, root, user, database, count, batch, tls))
     time.sleep(min(2.0, time.monotonic() - started))  # let the pooler finish closing the clients
     return record

@@ -9,7 +9,7 @@ COLORS = {"direct": "C0", "pgbouncer": "C1", "pgdoorman": "C2", "pgdoorman-1w": 
           "pgdoorman-base-1w": "C5"}
 
 
-def write_png(path: str, summaries: list[Summary], modes: list[str]) -> bool:
+def write_png(path: str, summaries: list[Summary], modes: list[str], tls: bool = False) -> bool:
     """Write the chart; False (and no file) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -42,7 +42,8 @@ def write_png(path: str, summaries: list[Summary], modes: list[str]) -> bool:
             ax.grid(True, alpha=0.3)
             ax.legend()
         missing = sorted({s.target for s in summaries if s.mode == mode and s.skipped})
-        tps_ax.set_title(f"pgbench -S -M {mode}" + (f" ({', '.join(missing)}: n/a)" if missing else ""))
+        tps_ax.set_title(f"pgbench -S -M {mode}" + (", client TLS" if tls else "")
+                         + (f" ({', '.join(missing)}: n/a)" if missing else ""))
         tps_ax.set_ylabel("TPS (median)")
         tps_ax.set_ylim(bottom=0)
         p99_ax.set_ylabel("p99 latency, ms")

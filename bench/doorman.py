@@ -37,6 +37,7 @@ class PgDoorman(PoolerProcess):
                 "workers": self.workers,
                 "log_client_connections": False,  # as PgBouncer's log_connections = 0
                 "log_client_disconnections": False,
+                **self._tls_settings(),
             },
             "pools": {
                 self.database: {
@@ -50,6 +51,14 @@ class PgDoorman(PoolerProcess):
         })
         with open(os.path.join(self.workdir, "generated.toml"), "w") as f:
             f.write(config)
+
+    def _tls_settings(self) -> dict[str, str]:
+        """Client TLS as PgBouncer's client_tls_sslmode = require; server side in clear, as without --tls
+        (server_tls_mode's default "prefer" would take up the TLS the bench's PostgreSQL then offers)."""
+        if not self.tls_cert_file:
+            return {}
+        return {"tls_mode": "require", "tls_certificate": self.tls_cert_file,
+                "tls_private_key": self.tls_key_file, "server_tls_mode": "disable"}
 
     def _version(self) -> str:
         """`pgdoorman 0.1.0` -> `0.1.0`; "?" when it does not say."""

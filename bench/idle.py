@@ -5,10 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import resource
+import ssl
 import struct
 from dataclasses import dataclass, field
 
 PROTOCOL_V3 = 196608
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """What libpq's sslmode=require does: TLS, no check of the certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -46,10 +56,17 @@ class LoginError(Exception):
 
 
 async def login(host: str, port: int, user: str, database: str, password: str,
-                timeout: float) -> asyncio.StreamWriter:
-    """Connect and authenticate; return the open writer once ReadyForQuery arrives."""
+                timeout: float, tls: ssl.SSLContext | None = None) -> asyncio.StreamWriter:
+    """Connect and authenticate (first SSLRequest and the TLS handshake when `tls` is given); return the
+    open writer once ReadyForQuery arrives."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
+        if tls is not None:
+            writer.write(SSL_REQUEST)
+            answer = await asyncio.wait_for(reader.readexactly(1), timeout)
+            if answer != b"S":
+                raise LoginError(f"TLS refused: the answer to SSLRequest was {answer!r}")
+            await asyncio.wait_for(writer.start_tls(tls), timeout)
         writer.write(startup_message(user, database))
         while True:
             header = await asyncio.wait_for(reader.readexactly(5), timeout)
@@ -80,11 +97,12 @@ class IdleClients:
     errors: dict[str, int] = field(default_factory=dict)
 
     async def open(self, host: str, port: int, user: str, database: str, count: int,
-                   batch: int = 250, password: str = "", timeout: float = 30.0) -> None:
+                   batch: int = 250, password: str = "", timeout: float = 30.0, tls: bool = False) -> None:
+        context = client_tls_context() if tls else None
         while len(self.writers) < count:
             n = min(batch, count - len(self.writers))
             results = await asyncio.gather(
-                *(login(host, port, user, database, password, timeout) for _ in range(n)),
+                *(login(host, port, user, database, password, timeout, context) for _ in range(n)),
                 return_exceptions=True)
             failed = 0
             for r in results:

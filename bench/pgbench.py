@@ -23,6 +23,7 @@ class PgbenchSpec:
     duration: int  # seconds (pgbench -T takes whole seconds)
     connect_each: bool = False  # -C: a new connection per transaction
     options: str = ""  # PGOPTIONS: settings every connection asks for at startup
+    sslmode: str = ""  # PGSSLMODE (e.g. "require" for --tls); "" leaves libpq's default (or ours)
 
 
 @dataclass
@@ -52,7 +53,10 @@ def run(spec: PgbenchSpec) -> PgbenchOutput:
     prefix = os.path.join(logdir, "pgbench_log")
     try:
         try:
-            env = {**os.environ, "PGOPTIONS": spec.options} if spec.options else None
+            extra = {"PGOPTIONS": spec.options} if spec.options else {}
+            if spec.sslmode:
+                extra["PGSSLMODE"] = spec.sslmode
+            env = {**os.environ, **extra} if extra else None
             proc = subprocess.run(command(spec, prefix), capture_output=True, text=True, cwd=logdir,
                                   timeout=spec.duration * 3 + 120, env=env)
         except subprocess.TimeoutExpired as e:

@@ -76,6 +76,9 @@ class PgBouncer(PoolerProcess):
         ]
         if self.supports_prepared:
             lines.append("max_prepared_statements = 200")
+        if self.tls_cert_file:  # --tls: clients must use TLS; to PostgreSQL in clear (its default)
+            lines += ["client_tls_sslmode = require", f"client_tls_cert_file = {self.tls_cert_file}",
+                      f"client_tls_key_file = {self.tls_key_file}", "server_tls_sslmode = disable"]
         self._write("pgbouncer.ini", "\n".join(lines) + "\n")
         self._write("userlist.txt", f'"{self.user}" ""\n')
         if os.geteuid() == 0:

@@ -54,7 +54,9 @@ def _idle_table(idle: list[IdleRecord]) -> list[str]:
 
 def markdown(meta: dict[str, Any], summaries: list[Summary], idle: list[IdleRecord],
              runs: list[RunRecord], notes: list[str]) -> str:
-    lines = [f"# pgdoorman benchmark, {meta['timestamp']}", ""]
+    tls = bool(meta["settings"].get("tls"))
+    via = ", client TLS" if tls else ""  # on every heading, so no table is read as clear text
+    lines = [f"# pgdoorman benchmark, {meta['timestamp']}" + (" (client TLS)" if tls else ""), ""]
     lines += [f"- {key}: {value}" for key, value in meta["environment"].items()]
     lines += [
         f"- settings: {meta['settings']}",
@@ -64,15 +66,17 @@ def markdown(meta: dict[str, Any], summaries: list[Summary], idle: list[IdleReco
         "is VmHWM summed over that tree, reset before each run.",
         "",
     ]
+    if tls:
+        lines += [f"**TLS on**: {meta['settings'].get('tls_setup', 'client TLS (sslmode=require)')}.", ""]
     select = [s for s in summaries if s.case == "select"]
     churn = [s for s in summaries if s.case == "churn"]
     with_settings = [s for s in summaries if s.case == "settings"]
     if select:
-        lines += ["## pgbench -S (select only)", "", *_table(select), ""]
+        lines += [f"## pgbench -S (select only{via})", "", *_table(select), ""]
     if with_settings:
         plain = {(s.clients, s.target): s.tps for s in select if s.mode == "simple"}
-        lines += ["## Settings at connect (pgbench -S, simple; PGOPTIONS sets search_path and a custom "
-                  "setting)", "", *_table(with_settings), ""]
+        lines += [f"## Settings at connect (pgbench -S, simple{via}; PGOPTIONS sets search_path and a "
+                  "custom setting)", "", *_table(with_settings), ""]
         for s in with_settings:
             base = plain.get((s.clients, s.target))
             if base:
@@ -80,9 +84,12 @@ def markdown(meta: dict[str, Any], summaries: list[Summary], idle: list[IdleReco
         lines.append("")
     if churn:
         clients = churn[0].clients
-        lines += [f"## Connection churn (pgbench -C -S, {clients} clients, simple)", "", *_table(churn), ""]
+        lines += [f"## Connection churn (pgbench -C -S, {clients} clients, simple{via}; each connection "
+                  "a new TLS handshake)" if tls else
+                  f"## Connection churn (pgbench -C -S, {clients} clients, simple)", "", *_table(churn), ""]
     if idle:
-        lines += ["## Idle clients (each fully logged in, then held open)", "", *_idle_table(idle), ""]
+        how = "logged in over TLS" if tls else "fully logged in"
+        lines += [f"## Idle clients (each {how}, then held open)", "", *_idle_table(idle), ""]
         for rec in idle:
             for err, count in rec.errors.items():
                 lines.append(f"- {rec.target}: {count} logins failed: {err}")

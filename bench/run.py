@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench import cases, chart, pgbench, report
+from bench import cases, chart, pgbench, report, tlscert
 from bench.cluster import DATABASE, USER, start_cluster
 from bench.doorman import PgDoorman
 from bench.idle import raise_fd_limit
@@ -30,6 +30,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 POOL_SIZE = 20
 # The settings case (--settings-case): what Django and Rails set on each connection, as options.
 SETTINGS_AT_CONNECT = "-c search_path=public,pg_catalog -c myapp.tenant=42"
+TLS_SETUP = ("client TLS on every target: pgbench PGSSLMODE=require, idle clients SSLRequest; "
+             "pgdoorman tls_mode = require, PgBouncer client_tls_sslmode = require, PostgreSQL ssl = on "
+             f"(direct is TLS too); {tlscert.KEY_DESCRIPTION}; poolers -> PostgreSQL in clear text")
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="git revision to compare with: targets pgdoorman-base(-1w) run it (before/after)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 round of 2 s, clients 1,8, simple only, 200 idle clients")
+    p.add_argument("--tls", action="store_true",
+                   help="clients use TLS: every pooler requires it (self-signed certificate made at run "
+                        "time), PostgreSQL runs with ssl = on, pgbench and the idle clients connect with "
+                        "sslmode=require; poolers reach PostgreSQL in clear text as without --tls. "
+                        "pgdoorman-base targets are skipped (the --baseline checkout may not know tls_*)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.clients, args.modes = 1, 2, [1, 8], ["simple"]
@@ -69,6 +77,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES] + [t for t in args.targets if t not in TARGETS]
     if bad:
         p.error(f"unknown mode or target: {', '.join(bad)}")
+    args.notes = []
+    if args.tls:
+        base = [t for t in args.targets if "-base" in t]
+        if base:
+            args.targets = [t for t in args.targets if "-base" not in t]
+            if not args.targets:
+                p.error(f"--tls leaves no target: {', '.join(base)} cannot be run with TLS")
+            note = (f"--tls: {', '.join(base)} skipped: the --baseline checkout "
+                    f"({args.baseline or 'none given'}) may predate tls_mode, tls_certificate and "
+                    "tls_private_key, so it is not run with TLS")
+            args.notes.append(note)
+            log(note)
     if args.rounds < 1 or args.duration <= 0 or not args.clients:
         p.error("--rounds, --duration and --clients must be positive")
     return args
@@ -90,7 +110,7 @@ class Bench:
     def spec(self, target: Target, mode: str, clients: int, duration: int,
              connect_each: bool = False, options: str = "") -> PgbenchSpec:
         return PgbenchSpec(self.bindir, target.host, target.port, USER, DATABASE, mode, clients,
-                           duration, connect_each, options)
+                           duration, connect_each, options, sslmode="require" if self.args.tls else "")
 
     def measure(self, target: Target, case: str, mode: str, clients: int, round_no: int) -> None:
         why = target.died()
@@ -114,7 +134,7 @@ class Bench:
                 continue
             # one served transaction first, so the pool and its server parameters exist
             pgbench.run(self.spec(t, "simple", 1, 1))
-            rec = cases.idle_clients(t, USER, DATABASE, self.args.idle_clients)
+            rec = cases.idle_clients(t, USER, DATABASE, self.args.idle_clients, tls=self.args.tls)
             self.idle.append(rec)
             per = "—" if rec.per_client_bytes is None else f"{rec.per_client_bytes:,.0f}"
             log(f"idle clients {t.name}: {rec.logged_in}/{rec.requested} logged in, {per} bytes/client"
@@ -155,15 +175,18 @@ class Bench:
         return out
 
 
-def make_targets(args: argparse.Namespace, host: str, server_port: int) -> list[Target]:
+def make_targets(args: argparse.Namespace, host: str, server_port: int,
+                 cert: tlscert.ServerCert | None = None) -> list[Target]:
     max_client = max(max(args.clients), args.churn_clients, args.idle_clients) + 1000
+    cert_file, key_file = (cert.cert_path, cert.key_path) if cert is not None else ("", "")
     made: list[Target] = []
     for name in args.targets:
         if name == "direct":
             made.append(Target("direct", host, server_port))
         elif name == "pgbouncer":
             pgb = PgBouncer("pgbouncer", host, free_port(host), server_port=server_port, database=DATABASE,
-                            user=USER, pool_size=POOL_SIZE, max_client_conn=max_client)
+                            user=USER, pool_size=POOL_SIZE, max_client_conn=max_client,
+                            tls_cert_file=cert_file, tls_key_file=key_file)
             pgb.prepare()
             made.append(pgb)
         else:
@@ -172,6 +195,7 @@ def make_targets(args: argparse.Namespace, host: str, server_port: int) -> list[
             pgd = PgDoorman(name, host, free_port(host), server_port=server_port, database=DATABASE,
                             user=USER, pool_size=POOL_SIZE, max_client_conn=max_client,
                             workers=1 if name.endswith("-1w") else 0, strict=name.endswith("-strict"),
+                            tls_cert_file=cert_file, tls_key_file=key_file,
                             **({"source_root": args.baseline_root} if "-base" in name else {}))
             pgd.prepare()
             made.append(pgd)
@@ -183,7 +207,7 @@ def write_results(bench: Bench, meta: dict[str, Any]) -> str:
     stem = os.path.join(bench.args.results_dir, meta["timestamp"])
     summaries = bench.summaries()
     png = stem + ".png"
-    if chart.write_png(png, summaries, bench.args.modes):
+    if chart.write_png(png, summaries, bench.args.modes, tls=bench.args.tls):
         meta["chart"] = os.path.basename(png)
     else:
         bench.notes.append("matplotlib is not installed: no chart (pip install matplotlib)")
@@ -219,7 +243,8 @@ def remove_baseline(path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.baseline_root = checkout_baseline(args.baseline) if args.baseline else ""
+    needs_base = any("-base" in t for t in args.targets)
+    args.baseline_root = checkout_baseline(args.baseline) if args.baseline and needs_base else ""
     timestamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     fd_limit = raise_fd_limit(2 * args.idle_clients + 4096)
@@ -227,11 +252,17 @@ def main(argv: list[str] | None = None) -> int:
         log(f"open-file limit {fd_limit} is too low for {args.idle_clients} idle clients")
     max_conn = max(max(args.clients), args.churn_clients) + 2 * POOL_SIZE + 60
     log(f"starting PostgreSQL (max_connections {max_conn}) and pgbench -i -s {args.scale}")
-    cluster = start_cluster(args.scale, max_conn)
-    bench = Bench(args, bindir=cluster.bindir)
+    cert = tlscert.make_server_cert(owner="postgres") if args.tls else None
+    try:
+        cluster = start_cluster(args.scale, max_conn, tls=cert)
+    except BaseException:
+        if cert is not None:
+            cert.cleanup()
+        raise
+    bench = Bench(args, bindir=cluster.bindir, notes=list(args.notes))
     status = 0
     try:
-        bench.targets = make_targets(args, cluster.host, cluster.port)
+        bench.targets = make_targets(args, cluster.host, cluster.port, cert)
         for t in bench.targets:
             t.start()
             log(f"{t.name} {t.version} on {t.host}:{t.port}")
@@ -263,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": args.rounds, "duration_s": args.duration, "clients": args.clients,
                 "modes": args.modes, "targets": args.targets, "churn_clients": args.churn_clients,
                 "idle_clients": args.idle_clients, "scale": args.scale, "quick": args.quick,
-                "baseline": args.baseline,
+                "baseline": args.baseline, "tls": args.tls,
+                **({"tls_setup": TLS_SETUP} if args.tls else {}),
             },
         }
         write_results(bench, meta)
@@ -271,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         for t in bench.targets:
             t.cleanup()
         cluster.destroy()
+        if cert is not None:
+            cert.cleanup()
         if args.baseline_root:
             remove_baseline(args.baseline_root)
     return status

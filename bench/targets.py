@@ -59,6 +59,10 @@ class PoolerProcess(Target):
     max_client_conn: int = 1000
     workdir: str = ""
     log_path: str = ""
+    # --tls: certificate and key the pooler presents to its clients, which must then use TLS
+    # ("require"); its own connections to PostgreSQL stay in clear text either way
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def command(self) -> list[str]:

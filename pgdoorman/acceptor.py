@@ -32,6 +32,7 @@ from pgdoorman import channel, sdnotify
 from pgdoorman.admin import coordinate
 from pgdoorman.channel import Assembler, Load
 from pgdoorman.config import Config, ConfigError, pool_keys, pool_share
+from pgdoorman.limits import ClientCaps
 from pgdoorman.listen import listening_sockets
 from pgdoorman.logs import set_log_level
 from pgdoorman.protocol import codes
@@ -77,6 +78,7 @@ class Worker:
     # pool index -> (clients, waiters, oldest wait s, free servers, mean wait s), latest LOAD report
     loads: dict[int, Load] = field(default_factory=dict)
     loads_at: float = 0.0
+    caps: ClientCaps = field(default_factory=ClientCaps)  # its clients under the caps (limits.py)
 
 
 class Acceptor:
@@ -89,6 +91,7 @@ class Acceptor:
         self._shares: list[list[int]] = []  # pool index -> each worker's pool_size share
         self._plan_shares(config)
         self._moved_keys: dict[tuple[int, int], Worker] = {}  # cancel keys of clients that moved
+        self.caps = ClientCaps()  # the whole pooler's clients under the caps
         self._balanced_at: dict[int, float] = {}  # pool index -> when clients last moved
         self._stopped = asyncio.Event()
         self._listeners: list[socket.socket] = []
@@ -352,6 +355,19 @@ class Acceptor:
                         self._answered(worker, request_id, payload)
                     else:
                         self._spawn_task(self._serve_request(worker, request_id, payload))
+            elif kind == channel.ADMIT:
+                request_id, user, database = channel.unpack(data)
+                general = self.config.general
+                refusal = self.caps.admit(user, database, general.max_user_client_connections,
+                                          general.max_db_client_connections)
+                if refusal is None:
+                    worker.caps.admit(user, database, 0, 0)
+                self._send_control(worker, [channel.pack(channel.ADMITTED, (request_id, refusal))])
+            elif kind == channel.LEAVE:
+                user, database = channel.unpack(data)
+                if worker.caps.users[user] > 0:  # (a worker restarted since: counted out already)
+                    worker.caps.leave(user, database)
+                    self.caps.leave(user, database)
             elif kind == channel.MOVED_CLIENT and fd is not None:
                 self._pass_on(worker, data, socket.socket(fileno=fd))
             elif kind == channel.REROUTE and fd is not None:
@@ -363,6 +379,9 @@ class Acceptor:
         state = channel.unpack(message)
         to = self.workers[state["to"]]
         source.clients = max(0, source.clients - 1)
+        if state.get("counted"):  # its place under the client caps moves with it
+            source.caps.leave(state["user"], state["database"])
+            to.caps.admit(state["user"], state["database"], 0, 0)
         pid, key = state["cancel_key"]
         if key % len(self.workers) == to.index:
             self._moved_keys.pop((pid, key), None)
@@ -470,6 +489,8 @@ class Acceptor:
                 fanout.waiting.discard(worker.index)
                 self._settle(fanout_id)
         worker.clients = 0
+        self.caps.add(worker.caps, -1)  # its clients are gone with it
+        worker.caps = ClientCaps()
         worker.loads = {}
         self._moved_keys = {k: w for k, w in self._moved_keys.items() if w is not worker}
         worker.proc = None

@@ -26,9 +26,10 @@ from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
 from pgdoorman.config import RESTART_KEYS, Config, ConfigError, parse_config, pool_keys, pool_share
 from pgdoorman.frontend.tls import ClientTls, client_tls
+from pgdoorman.limits import ClientCaps, FailureDelay, Refusal
 from pgdoorman.listen import listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
-from pgdoorman.pool import Pool
+from pgdoorman.pool import DbBudget, Pool
 from pgdoorman.protocol import codes
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ class App:
         self.tls = ClientTls()  # set by apply_config
         self.server_tls = ServerTls()
         self.jwt_keys = JwtKeyCache()  # re-read when a key file changes; emptied on reload
+        self.caps = ClientCaps()  # client caps with one process (with several: the acceptor's)
+        self._admits: dict[int, Callable[[Refusal | None], None]] = {}
+        self._admit_ids = itertools.count(1)
+        self.failures = FailureDelay()
         ids.configure(worker, workers)
         self.cancels = CancelRegistry(worker, workers)
         self.auth_key = b""
@@ -129,6 +134,7 @@ class App:
                 pool.configure(pool_cfg, user_cfg, config.general, size, min_size, self.server_tls)
                 pool.grow_for_waiters()  # a larger pool_size serves those waiting at once
             pools[(db, user)] = pool
+        self._share_budgets(config, pools)
         for key, pool in self.pools.items():
             if key not in pools:
                 log.info("%s: no longer in the config: takes no new clients, closes when its %d "
@@ -138,6 +144,18 @@ class App:
         self.pools = pools
         self._pool_list = [pools[key] for key in keys]
         return restart
+
+    def _share_budgets(self, config: Config, pools: dict[tuple[str, str], Pool]) -> None:
+        """max_db_connections: one budget per database over its users' pools, this worker's share
+        (at least one server, so every worker can serve the database)."""
+        total = config.general.max_db_connections
+        budgets: dict[str, DbBudget] = {}
+        for index, db in enumerate(config.pools):
+            share = max(1, pool_share(total, index, self.worker, self.workers)) if total else 0
+            budgets[db] = DbBudget(db, share)
+        for (db, _user), pool in pools.items():
+            pool.budget = budgets[db]
+            budgets[db].pools.append(pool)
 
     def reload_text(self, text: str, path: str) -> dict[str, Any]:
         """A worker's part of RELOAD / SET: the acceptor checked the text already."""
@@ -222,6 +240,27 @@ class App:
     def client_moved_out(self, client: ClientConn) -> None:
         """Passed on to another worker: no longer ours, but not gone (the acceptor counts it there)."""
         self.clients.discard(client)
+
+    def caps_on(self) -> bool:
+        general = self.config.general
+        return bool(general.max_user_client_connections or general.max_db_client_connections)
+
+    def admit_client(self, user: str, database: str, done: Callable[[Refusal | None], None]) -> None:
+        """Count an authenticated client against the caps; done(None) if it may stay, else done(why)."""
+        general = self.config.general
+        if self._outbox is None:
+            done(self.caps.admit(user, database, general.max_user_client_connections,
+                                 general.max_db_client_connections))
+            return
+        request_id = next(self._admit_ids)
+        self._admits[request_id] = done
+        self._outbox.put(iter([channel.pack(channel.ADMIT, (request_id, user, database))]))
+
+    def client_uncounted(self, user: str, database: str) -> None:
+        if self._outbox is None:
+            self.caps.leave(user, database)
+        else:
+            self._outbox.put(iter([channel.pack(channel.LEAVE, (user, database))]))
 
     def over_client_limit(self) -> bool:
         return len(self.clients) > self.config.general.max_client_conn
@@ -352,6 +391,11 @@ class App:
                         future = self._asks.get(request_id)
                         if future is not None and not future.done():
                             future.set_result(payload)
+            elif kind == channel.ADMITTED:
+                request_id, refusal = channel.unpack(data)
+                callback = self._admits.pop(request_id, None)
+                if callback is not None:
+                    callback(None if refusal is None else tuple(refusal))
             elif kind == channel.MOVE_CLIENTS:
                 pool_index, count, to = channel.unpack(data)
                 self._move_clients(pool_index, count, to)

@@ -31,6 +31,10 @@ CLIENTS_GONE = 0x78  # "x" repeated once per client that has gone
 LOAD = 0x4C  # "L" + [(pool index, *Load), ...]
 KEY_GONE = 0x6B  # "k" + cancel key of a client that had moved here, now gone
 REROUTE = 0x52  # "R" + (bytes read, database, user, cancel key or None); fd: a client not ours
+# Client caps over the whole pooler (limits.py): a logged-in client asks to be counted, and is let go
+ADMIT = 0x61  # "a" + (request id, user, database): worker -> acceptor
+ADMITTED = 0x62  # "b" + (request id, refusal or None): acceptor -> worker
+LEAVE = 0x6C  # "l" + (user, database): a counted client has gone
 # Control: the admin console, signals and reload cover every worker. A request goes from the worker
 # that has the admin client to the acceptor, which asks every worker and answers with the list of
 # their answers (admin/fanout.py). Both can be larger than a packet: sent in PARTs.

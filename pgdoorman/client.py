@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import UNKNOWN, AuthFailed, StoredSecret, mock_method, parse_secret
-from pgdoorman.frontend.login import Peer, admitted, jwt_checker, login_method
+from pgdoorman.frontend.login import Decision, Peer, admitted, jwt_checker, login_method
 from pgdoorman.frontend.notify import LISTEN_SQL, Listener, channels_read, listen_sql
 from pgdoorman.frontend.password import PasswordExchange
 from pgdoorman.frontend.pins import HELD_SQL, PIN, held_state, refusal
@@ -103,7 +103,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base",
         "bytes_final", "tracked",
-        "tls", "_tls_state", "transport",
+        "tls", "_tls_state", "_counted", "transport",
         "wait_since", "waiting",
     )
 
@@ -182,6 +182,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._moved = moved
         self._rerouted = final
         self.tls: ssl.SSLObject | None = None  # its TLS session (frontend/tls.py)
+        self._counted = False  # counted under the client caps (limits.py)
         self._tls_state = _NO_TLS
 
     # --- connection events ---
@@ -440,7 +441,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         """A database or user the pooler does not know: the exchange a known user of that database
         gets, then 28P01 as for a wrong password ("does not exist" would tell which names exist)."""
         log.info("%s: %s: unknown database or user: mock authentication", self.id, self.peer)
-        self._begin_auth(UNKNOWN, mock_method(parse_secret(u.password, u.username).kind for u in users))
+        method = mock_method(parse_secret(u.password, u.username).kind for u in users)
+        if method == "jwt":  # what a known JWT user gets, clear-text refusal included
+            decision = login_method(self.app.config, Decision(method="jwt"), UNKNOWN, self._peer_facts())
+            if decision.refusal is not None:
+                self.fatal(*decision.refusal)
+                return
+        self._begin_auth(UNKNOWN, method)
 
     def _begin_auth(self, secret: StoredSecret, method: str = "") -> None:
         """method: what to ask for (default: what the secret needs); UNKNOWN never authenticates."""
@@ -466,7 +473,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         except (AuthFailed, IndexError, struct.error) as exc:
             user = self._startup.get("user", "")
             log.info("%s: %s auth failed: %s", self.id, self.peer, exc)
-            self.fatal(codes.INVALID_PASSWORD, f'password authentication failed for user "{user}"')
+            self._auth_failed(f'password authentication failed for user "{user}"')
             return
         if reply:
             self.transport.write(reply)
@@ -477,7 +484,47 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 pool.scram_keys = (scram.client_key, scram.server_key)  # for its server logins
             self._auth_ok()
 
+    def _auth_failed(self, message: str) -> None:
+        """28P01, after the failed-login delay of its address (limits.FailureDelay): meanwhile its
+        input is only buffered, and nobody else waits."""
+        address = self._peer_facts().address
+        general = self.app.config.general
+        delay = 0.0 if address is None else self.app.failures.failed(
+            address, general.auth_failure_delay, general.auth_failure_delay_max)
+        if not delay:
+            self.fatal(codes.INVALID_PASSWORD, message)
+            return
+        self.state = WAIT_LOGIN
+        self._exchange = None
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self.fatal, codes.INVALID_PASSWORD, message)
+
     def _auth_ok(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        address = self._peer_facts().address
+        if address is not None:
+            self.app.failures.succeeded(address)
+        if self.app.caps_on():
+            self.state = WAIT_LOGIN  # its input is buffered until the acceptor answers
+            self.app.admit_client(pool.user, pool.cfg.name, self._admitted)
+            return
+        self._logged_in()
+
+    def _admitted(self, refusal: tuple[str, str] | None) -> None:
+        pool = self.pool
+        assert pool is not None
+        if refusal is not None:
+            self.fatal(*refusal)
+            return
+        if self.state == CLOSED:  # it went while the acceptor counted it
+            self.app.client_uncounted(pool.user, pool.cfg.name)
+            return
+        self._counted = True
+        self._logged_in()
+
+    def _logged_in(self) -> None:
         pool = self.pool
         assert pool is not None
         self.state = WAIT_LOGIN
@@ -1130,6 +1177,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.app.client_disconnected(self)
         if self.pool is not None:
             self.pool.clients -= 1
+            if self._counted:
+                self._counted = False
+                self.app.client_uncounted(self.pool.user, self.pool.cfg.name)
             received, sent = self.traffic()
             self.pool.stats.received += received
             self.pool.stats.sent += sent
@@ -1235,6 +1285,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
             "unnamed": self._unnamed_parse(),
             "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
+            "counted": self._counted,  # its place under the client caps moves with it
         }
         received, sent = self.traffic()
         pool.stats.received += received
@@ -1270,6 +1321,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         received, sent = state.get("bytes_base", (0, 0))
         self.bytes_base = (received, sent)
         self.app.cancels.adopt(self)
+        self._counted = bool(state.get("counted"))
         self.state = ACTIVE
         self.app.client_connected(self)
         self._held = state["held"]

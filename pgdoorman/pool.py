@@ -38,6 +38,40 @@ class Waiter(Protocol):
     def wait_failed(self, message: str, code: str) -> None: ...
 
 
+class DbBudget:
+    """max_db_connections: this worker's share of a database's servers, over all its users' pools."""
+
+    __slots__ = ("database", "limit", "pools")
+
+    def __init__(self, database: str, limit: int) -> None:
+        self.database = database
+        self.limit = limit  # 0: no limit
+        self.pools: list[Pool] = []
+
+    def room(self) -> int:
+        if not self.limit:
+            return 1 << 30
+        return self.limit - sum(len(p.servers) + p.connecting for p in self.pools)
+
+    def full(self) -> bool:
+        return bool(self.limit) and self.room() <= 0
+
+    def make_room(self, wanting: Pool) -> bool:
+        """Close an idle server of another pool of the database that nobody waits for (PgBouncer
+        does the same): its place goes to `wanting` when it has closed."""
+        for pool in self.pools:
+            if pool is not wanting and pool.idle and not pool.waiters:
+                pool.idle[0].close(f"max_db_connections ({self.limit}) reached: its place goes to "
+                                   f"{wanting.name}")
+                return True
+        return False
+
+    def freed(self) -> None:
+        for pool in self.pools:
+            if pool.waiters and not pool.paused:
+                pool.grow_for_waiters()
+
+
 class Pool:
     # Slots: an instance dict of more than 30 keys loses CPython's inline values, and every
     # attribute read on the lend path (idle, waiters, cfg, ...) then becomes a dict lookup.
@@ -47,7 +81,7 @@ class Pool:
         "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
         "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
         "servers", "stats", "tls", "user", "user_cfg", "waited", "waiters", "welcomes",
-        "passthrough", "scram_keys",
+        "passthrough", "scram_keys", "budget",
     )
 
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
@@ -66,6 +100,7 @@ class Pool:
         self.clients = 0  # logged-in (or logging-in) clients of this pool in this process
         self.pinned = 0  # of them, clients pinned to their server (frontend/pins.py; cl_pinned)
         self.listener: Listener | None = None  # LISTEN/NOTIFY fan-out, made at the first LISTEN
+        self.budget: DbBudget | None = None  # max_db_connections, shared with the database's pools
         self.served = 0  # clients that waited and then got a server, since load() last ran
         self.waited = 0.0  # their total wait, seconds
         self.connecting = 0
@@ -292,14 +327,25 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
-        if self.waiters and not self._closing:
+        if self.budget is not None and self.budget.limit:
+            self.budget.freed()  # its place may be another pool's now
+        elif self.waiters and not self._closing:
             self._grow()
 
     # --- growing ---
 
     def _grow(self) -> None:
+        if self._closing:
+            return
         wanted = len(self.waiters) - self.connecting
         room = self.pool_size - len(self.servers) - self.connecting
+        budget = self.budget
+        if budget is not None and budget.limit and wanted > 0 and room > 0:
+            allowed = budget.room()
+            if allowed <= 0:
+                budget.make_room(self)  # when that server has closed, freed() grows us
+                return
+            room = min(room, allowed)
         for _ in range(min(wanted, room)):
             self._spawn_connect()
 
@@ -383,6 +429,13 @@ class Pool:
             waiters.popleft()
             if client.waiting:
                 client.waiting = False
+                budget = self.budget
+                if budget is not None and budget.full() and len(self.servers) < self.pool_size:
+                    client.wait_failed(  # the database's cap, not this pool's size, kept it waiting
+                        f'too many server connections for database "{budget.database}" (max_db_connections '
+                        f"= {budget.limit}): none became available within {timeout:g}s",
+                        codes.TOO_MANY_CONNECTIONS)
+                    continue
                 client.wait_failed(
                     f"query_wait_timeout: no server connection became available within {timeout:g}s",
                     codes.PROTOCOL_VIOLATION)
@@ -406,6 +459,8 @@ class Pool:
         missing = self.min_pool_size - len(self.servers) - self.connecting
         if self.passthrough is not None and self.scram_keys is None:
             missing = 0  # pass-through: no server login until a client has proved its password
+        if missing > 0 and self.budget is not None and self.budget.limit:
+            missing = min(missing, self.budget.room())
         if missing > 0 and now >= self._retry_at and not self._closing and not self.removed:
             for _ in range(missing):
                 self._spawn_connect()

@@ -213,6 +213,9 @@ class PoolerLauncher:
         host = "127.0.0.1"
         port = free_port(host)
         gen: dict[str, Any] = {"host": host, "port": port, **(general or {})}
+        # Tests fail logins on purpose, all from 127.0.0.1: the failed-login delay (on by default)
+        # would make each next failure wait longer. Its own tests set it.
+        gen.setdefault("auth_failure_delay", 0)
         if "workers" not in gen and os.environ.get("PGDOORMAN_TEST_WORKERS"):
             gen["workers"] = int(os.environ["PGDOORMAN_TEST_WORKERS"])  # scripts/test.sh runs both
         host, port = gen["host"], int(gen["port"])

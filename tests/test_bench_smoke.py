@@ -40,6 +40,42 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert {r["target"] for r in doc["idle"]} == {"pgbouncer", "pgdoorman", "pgdoorman-1w"}
 
 
+@pytest.mark.timeout(120)
+def test_bench_tls(tmp_path: Path) -> None:
+    """--tls: the poolers require TLS, so any TPS through them was measured over TLS."""
+    if not glob.glob("/usr/lib/postgresql/*/bin/pgbench") and not os.environ.get("PGBIN"):
+        pytest.skip("PostgreSQL server binaries and pgbench are not installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--tls", "--rounds", "1", "--duration", "2", "--clients", "4",
+         "--modes", "simple", "--targets", "direct,pgbouncer,pgdoorman", "--idle-clients", "20",
+         "--churn-clients", "4", "--warmup", "0", "--scale", "1", "--results-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    [json_path] = [p for p in tmp_path.glob("*.json")]
+    doc = json.loads(json_path.read_text())
+    assert doc["settings"]["tls"] is True
+    assert "PGSSLMODE=require" in doc["settings"]["tls_setup"]
+    for case in ("select", "churn"):
+        rows = {s["target"]: s for s in doc["summary"] if s["case"] == case}
+        for target in ("direct", "pgbouncer", "pgdoorman"):
+            assert rows.get(target) and rows[target]["tps"] > 0 and not rows[target]["errors"], (case, rows)
+    assert {r["target"]: r["logged_in"] for r in doc["idle"]} == {"pgbouncer": 20, "pgdoorman": 20}
+    md = (tmp_path / "latest.md").read_text()
+    assert "'tls': True" in md and "**TLS on**" in md
+    assert "## pgbench -S (select only, client TLS)" in md
+
+
+def test_bench_tls_skips_baseline() -> None:
+    from bench.run import parse_args
+
+    args = parse_args(["--tls", "--baseline", "HEAD~1"])
+    assert not [t for t in args.targets if "-base" in t] and "pgdoorman" in args.targets
+    assert any("pgdoorman-base" in n and "skipped" in n for n in args.notes), args.notes
+    with pytest.raises(SystemExit):
+        parse_args(["--tls", "--baseline", "HEAD~1", "--targets", "pgdoorman-base"])
+
+
 def test_pgbench_output_parsing(tmp_path: Path) -> None:
     from bench.pgbench import parse_summary, percentile, read_latencies
 

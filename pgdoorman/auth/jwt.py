@@ -34,7 +34,7 @@ _KEY_LABELS = {b"PUBLIC KEY", b"RSA PUBLIC KEY", b"CERTIFICATE"}
 # The registered time claims; a JWT without exp would be a password that never expires.
 _TIME_CLAIMS = ("exp", "nbf", "iat")
 
-FileStamp = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+FileStamp = tuple[int, int, int, int]  # (st_mtime_ns, st_ctime_ns, st_size, st_ino)
 
 
 def jwt_key_path(password: str) -> str | None:
@@ -117,7 +117,7 @@ def _read_key_file(path: str) -> tuple[FileStamp, bytes]:
         raise ValueError(f"JWT key file {path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_KEY_FILE:
         raise ValueError(f"JWT key file {path}: larger than {MAX_KEY_FILE} bytes, not a public key")
-    return (st.st_mtime_ns, st.st_size, st.st_ino), data
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino), data
 
 
 class JwtKeyCache:
@@ -140,7 +140,7 @@ class JwtKeyCache:
         except OSError as exc:
             self._keys.pop(path, None)
             raise ValueError(f"JWT key file {path}: cannot read: {exc.strerror or exc}") from None
-        if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size, st.st_ino):
+        if cached is not None and cached[0] == (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino):
             return cached[1]
         self._keys.pop(path, None)
         stamp, data = _read_key_file(path)

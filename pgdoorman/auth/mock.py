@@ -43,15 +43,16 @@ def plain_salt(key: bytes, user: str, password: str) -> bytes:
 
 def mock_method(kinds: Iterable[str]) -> str:
     """What to ask a name the pooler does not know for: what the known users of that database (or
-    of all of them) are mostly asked for. md5 secrets get md5; plain-text and SCRAM secrets get
-    SCRAM, which is also the default (PostgreSQL's password_encryption)."""
-    md5 = other = 0
+    of all of them) are mostly asked for. md5 secrets get md5; JWT keys get a cleartext password
+    ("jwt"); plain-text and SCRAM secrets get SCRAM, which is also the default (PostgreSQL's
+    password_encryption)."""
+    counts = {"md5": 0, "jwt": 0, "scram": 0}
     for kind in kinds:
-        if kind == "md5":
-            md5 += 1
+        if kind in ("md5", "jwt"):
+            counts[kind] += 1
         elif kind != "trust":
-            other += 1
-    return "md5" if md5 > other else "scram"
+            counts["scram"] += 1
+    return max(("scram", "md5", "jwt"), key=lambda method: counts[method])  # ties: scram
 
 
 def mock_scram(key: bytes, user: str, cbind_data: bytes | None = None) -> ScramServer:

@@ -289,6 +289,10 @@ def _security(g: _Table, d: GeneralConfig) -> dict[str, Any]:
         "jwt_leeway": g.duration("jwt_leeway", d.jwt_leeway),
         "jwt_audience": g.string("jwt_audience", d.jwt_audience),
         "jwt_allow_cleartext": g.boolean("jwt_allow_cleartext", d.jwt_allow_cleartext),
+        **{key: g.integer(key, getattr(d, key)) for key in (
+            "max_user_client_connections", "max_db_client_connections", "max_db_connections")},
+        "auth_failure_delay": g.duration("auth_failure_delay", d.auth_failure_delay),
+        "auth_failure_delay_max": g.duration("auth_failure_delay_max", d.auth_failure_delay_max),
     }
     if out["hba_file"] and out["hba"]:
         raise g.error("hba", "give hba_file or hba, not both")

@@ -142,6 +142,14 @@ class GeneralConfig:
     jwt_leeway: float = 30.0  # clock skew allowed on exp, nbf and iat
     jwt_audience: str = ""  # "" = tokens with an aud claim are refused; else aud must hold this
     jwt_allow_cleartext: bool = False  # a token is a bearer credential: TLS only unless allowed
+    # Limits (0 = none): clients per user and per database over all workers, servers per database
+    max_user_client_connections: int = 0
+    max_db_client_connections: int = 0
+    max_db_connections: int = 0
+    # Failed logins from one address wait this long before their error, doubling per failure up to
+    # the max; a success, or a quiet minute, forgets them. 0 = no delay.
+    auth_failure_delay: float = 0.1
+    auth_failure_delay_max: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
