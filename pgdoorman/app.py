@@ -11,7 +11,9 @@ import signal
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +23,20 @@ from pgdoorman.admin.console import AdminConn
 from pgdoorman.admin.worker import WorkerControl
 from pgdoorman.auth import auth_key
 from pgdoorman.auth.jwt import JwtKeyCache
+from pgdoorman.auth.lookup import Answer
 from pgdoorman.backend.tls import ServerTls, server_tls
 from pgdoorman.cancel import CancelRegistry
 from pgdoorman.client import ACTIVE, ClientConn
-from pgdoorman.config import RESTART_KEYS, Config, ConfigError, parse_config, pool_keys, pool_share
+from pgdoorman.config import (
+    RESTART_KEYS,
+    Config,
+    ConfigError,
+    UserConfig,
+    parse_config,
+    pool_keys,
+    pool_share,
+)
+from pgdoorman.frontend.authquery import AuthLookup
 from pgdoorman.frontend.tls import ClientTls, client_tls
 from pgdoorman.limits import ClientCaps, FailureDelay, Refusal
 from pgdoorman.listen import listening_sockets, serve_on
@@ -59,6 +71,8 @@ class App:
         self.auth_key = b""
         self.clients: set[ClientConn] = set()
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.lookups: dict[str, AuthLookup] = {}  # auth_query by database
+        self._budgets: dict[str, DbBudget] = {}
         self._pool_list: list[Pool] = []  # by pool index, as the acceptor numbers them
         self.worker = worker
         self.workers = workers
@@ -125,6 +139,9 @@ class App:
                 # every worker keeps a server of a pool smaller than the number of workers.
                 size = 1
             pool = self.pools.get((db, user))
+            if pool is not None and pool.looked_up:  # now in the config: its own pool from now on
+                self._drain(pool, "its user is now in the config")
+                pool = None
             if pool is None:
                 pool = Pool(pool_cfg, user_cfg, config.general, pool_size=size, min_pool_size=min_size,
                             tls=self.server_tls)
@@ -134,16 +151,87 @@ class App:
                 pool.configure(pool_cfg, user_cfg, config.general, size, min_size, self.server_tls)
                 pool.grow_for_waiters()  # a larger pool_size serves those waiting at once
             pools[(db, user)] = pool
+        self._apply_lookups(old, config, pools)
         self._share_budgets(config, pools)
         for key, pool in self.pools.items():
-            if key not in pools:
-                log.info("%s: no longer in the config: takes no new clients, closes when its %d "
-                         "clients have gone", pool.name, pool.clients)
-                pool.removed = True
-                self._draining.append(pool)
+            if key not in pools and not pool.removed:
+                self._drain(pool, "no longer in the config")
         self.pools = pools
         self._pool_list = [pools[key] for key in keys]
         return restart
+
+    def _drain(self, pool: Pool, why: str) -> None:
+        log.info("%s: %s: takes no new clients, closes when its %d clients have gone", pool.name, why,
+                 pool.clients)
+        pool.removed = True
+        self._draining.append(pool)
+
+    def _apply_lookups(self, old: Config, config: Config, pools: dict[tuple[str, str], Pool]) -> None:
+        """auth_query after a (re)load: a database whose lookup is unchanged keeps its lookup
+        servers and its users' pools (the cache is emptied: RELOAD is how an operator makes the
+        pooler read every secret again); any other change starts again."""
+        lookups: dict[str, AuthLookup] = {}
+        for db, pool_cfg in config.pools.items():
+            if pool_cfg.auth_query is None:
+                continue
+            lookup = self.lookups.pop(db, None)
+            if lookup is not None and lookup.same_as(pool_cfg):
+                lookup.cache.clear()
+                lookup.pool.configure(replace(lookup.pool.cfg, idle_timeout=pool_cfg.idle_timeout,
+                                              query_wait_timeout=pool_cfg.query_wait_timeout),
+                                      lookup.pool.user_cfg, config.general, tls=self.server_tls)
+            else:
+                if lookup is not None:
+                    lookup.close("auth_query changed by a reload")
+                lookup = AuthLookup(pool_cfg, config.general, self.server_tls)
+            lookups[db] = lookup
+        for lookup in self.lookups.values():
+            lookup.close("auth_query removed by a reload")
+        self.lookups = lookups
+        for key, pool in self.pools.items():
+            if not pool.looked_up or key in pools:
+                continue
+            db = key[0]
+            if db in lookups and db in old.pools and old.pools[db].auth_query == lookups[db].config:
+                pool_cfg = config.pools[db]
+                pool.configure(pool_cfg, replace(pool.user_cfg, pool_mode=pool_cfg.pool_mode),
+                               config.general, pool.pool_size, 0, self.server_tls)
+                pools[key] = pool
+
+    def looked_up_pool(self, database: str, user: str, answer: Answer) -> Pool:
+        """The pool a user that auth_query found logs in to: its own (pass-through with the secret
+        found), or with server_user the one every looked-up user of the database shares."""
+        pool_cfg = self.config.pools[database]
+        aq = pool_cfg.auth_query
+        assert aq is not None
+        if aq.server_user:
+            name, password, server_password = aq.server_user, "", aq.server_password or None
+        else:
+            name, password, server_password = user, answer.text, None
+        key = (database, name)
+        pool = self.pools.get(key)
+        if pool is not None and not pool.looked_up:
+            return pool  # server_user is a configured user of the database: its pool
+        # Every worker holds at least one server of it: the acceptor cannot route by a name the
+        # config does not hold, so the user is served wherever it landed.
+        size = max(1, pool_share(aq.pool_size, zlib.crc32(name.encode()), self.worker, self.workers))
+        user_cfg = UserConfig(username=name, password=password, pool_size=size,
+                              pool_mode=pool_cfg.pool_mode, server_username=name,
+                              server_password=server_password)
+        if pool is None:
+            pool = Pool(pool_cfg, user_cfg, self.config.general, tls=self.server_tls)
+            pool.looked_up = True
+            if self.is_paused(database):
+                pool.pause()
+            budget = self._budgets.get(database)
+            if budget is not None:
+                pool.budget = budget
+                budget.pools.append(pool)
+            self.pools[key] = pool
+            log.info("%s: pool made for a user auth_query found (%d servers)", pool.name, size)
+        elif pool.user_cfg != user_cfg:  # the secret changed on the server: new logins use it
+            pool.configure(pool_cfg, user_cfg, self.config.general, tls=self.server_tls)
+        return pool
 
     def _share_budgets(self, config: Config, pools: dict[tuple[str, str], Pool]) -> None:
         """max_db_connections: one budget per database over its users' pools, this worker's share
@@ -156,6 +244,7 @@ class App:
         for (db, _user), pool in pools.items():
             pool.budget = budgets[db]
             budgets[db].pools.append(pool)
+        self._budgets = budgets
 
     def reload_text(self, text: str, path: str) -> dict[str, Any]:
         """A worker's part of RELOAD / SET: the acceptor checked the text already."""
@@ -519,6 +608,8 @@ class App:
             client.fatal(codes.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         for pool in [*self.pools.values(), *self._draining]:
             pool.close_all(reason)
+        for lookup in self.lookups.values():
+            lookup.close(reason)
         await asyncio.sleep(0)
 
     async def _housekeeping(self) -> None:
@@ -527,12 +618,26 @@ class App:
             try:
                 for pool in self.pools.values():
                     pool.maintain()
+                for lookup in self.lookups.values():
+                    lookup.pool.maintain()
+                self._drop_unused_pools()
                 self._expire_clients()
                 self._report_closed()
                 self._report_load()
                 self._housekeep_control()
             except Exception:  # housekeeping must never die
                 log.exception("housekeeping failed")
+
+    def _drop_unused_pools(self) -> None:
+        """A looked-up user's pool goes when it has neither clients nor servers (they close at
+        idle_timeout): memory stays bounded by the users active lately, not by every user seen."""
+        unused = [key for key, pool in self.pools.items()
+                  if pool.looked_up and not pool.clients and not pool.servers and not pool.connecting]
+        for key in unused:
+            pool = self.pools.pop(key)
+            if pool.budget is not None:
+                pool.budget.pools.remove(pool)
+            log.debug("%s: no clients and no servers: pool dropped", pool.name)
 
     def _housekeep_control(self) -> None:
         """Stats periods, pools removed by a reload, shutdown progress, the service manager."""

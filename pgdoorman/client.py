@@ -7,10 +7,12 @@ import logging
 import os
 import struct
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from pgdoorman import ids
 from pgdoorman.auth import UNKNOWN, AuthFailed, StoredSecret, mock_method, parse_secret
+from pgdoorman.auth.lookup import FAILED, FOUND, Answer
 from pgdoorman.frontend.login import Decision, Peer, admitted, jwt_checker, login_method
 from pgdoorman.frontend.notify import LISTEN_SQL, Listener, channels_read, listen_sql
 from pgdoorman.frontend.password import PasswordExchange
@@ -103,7 +105,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         "connected_at", "id", "in_transaction", "last_active", "mode", "params", "peer", "pool",
         "channels", "prepared_sql", "seen_activity", "server", "settings", "state", "bytes_base",
         "bytes_final", "tracked",
-        "tls", "_tls_state", "_counted", "transport",
+        "tls", "_tls_state", "_counted", "_looked_up_secret", "transport",
         "wait_since", "waiting",
     )
 
@@ -183,7 +185,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._rerouted = final
         self.tls: ssl.SSLObject | None = None  # its TLS session (frontend/tls.py)
         self._counted = False  # counted under the client caps (limits.py)
+        self._looked_up_secret = False  # its secret came from auth_query (frontend/authquery.py)
         self._tls_state = _NO_TLS
+
+    @property
+    def login_user(self) -> str:
+        """The user it logged in as (its pool's user, unless auth_query's server_user shares one)."""
+        return self._startup.get("user") or (self.pool.user if self.pool is not None else "")
 
     # --- connection events ---
 
@@ -379,10 +387,17 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             # This worker has no share of the pool's servers (pool_size < workers): another has.
             if self.app.reroute(self, raw, database, user, None):
                 return
-        if pool is None:
+        if pool is None or pool.looked_up:
+            lookup = self.app.lookups.get(database)
+            if lookup is not None:  # auth_query: its secret comes from the server
+                self.state = WAIT_LOGIN  # its input is buffered meanwhile
+                lookup.find(user, partial(self._looked_up, decision, peer))
+                return
             self._mock_auth(pool_cfg.users.values())
             return
-        secret = parse_secret(pool.user_cfg.password, user)
+        self._authenticate(pool, parse_secret(pool.user_cfg.password, user), decision, peer)
+
+    def _authenticate(self, pool: Pool, secret: StoredSecret, decision: Decision, peer: Peer) -> None:
         decision = login_method(self.app.config, decision, secret, peer)
         if decision.refusal is not None:
             log.info("%s: %s refused: %s", self.id, self.peer, decision.why)
@@ -390,6 +405,22 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         self._join(pool)
         self._begin_auth(secret, decision.method)
+
+    def _looked_up(self, decision: Decision, peer: Peer, answer: Answer) -> None:
+        """auth_query's answer for this client's user (frontend/authquery.py)."""
+        if self.state == CLOSED:
+            return
+        database, user = self._startup.get("database") or self._startup["user"], self._startup["user"]
+        if answer.kind == FAILED:  # the reason is in the log: the client learns only that it failed
+            self.fatal(codes.CONNECTION_FAILURE, f'authentication lookup for user "{user}" failed')
+            return
+        if answer.kind != FOUND or database not in self.app.lookups:
+            self._mock_auth(self.app.config.pools[database].users.values()
+                            if database in self.app.config.pools else ())
+            return
+        assert answer.secret is not None
+        self._looked_up_secret = True
+        self._authenticate(self.app.looked_up_pool(database, user, answer), answer.secret, decision, peer)
 
     def _start_tls(self, how: int, already_read: bytes) -> None:
         self._tls_state = how
@@ -473,6 +504,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         except (AuthFailed, IndexError, struct.error) as exc:
             user = self._startup.get("user", "")
             log.info("%s: %s auth failed: %s", self.id, self.peer, exc)
+            if self._looked_up_secret and self.pool is not None:  # its password may have changed
+                lookup = self.app.lookups.get(self.pool.cfg.name)
+                if lookup is not None:
+                    lookup.forget(user)
             self._auth_failed(f'password authentication failed for user "{user}"')
             return
         if reply:
@@ -508,7 +543,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self.app.failures.succeeded(address)
         if self.app.caps_on():
             self.state = WAIT_LOGIN  # its input is buffered until the acceptor answers
-            self.app.admit_client(pool.user, pool.cfg.name, self._admitted)
+            self.app.admit_client(self.login_user, pool.cfg.name, self._admitted)
             return
         self._logged_in()
 
@@ -519,7 +554,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self.fatal(*refusal)
             return
         if self.state == CLOSED:  # it went while the acceptor counted it
-            self.app.client_uncounted(pool.user, pool.cfg.name)
+            self.app.client_uncounted(self.login_user, pool.cfg.name)
             return
         self._counted = True
         self._logged_in()
@@ -1179,7 +1214,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self.pool.clients -= 1
             if self._counted:
                 self._counted = False
-                self.app.client_uncounted(self.pool.user, self.pool.cfg.name)
+                self.app.client_uncounted(self.login_user, self.pool.cfg.name)
             received, sent = self.traffic()
             self.pool.stats.received += received
             self.pool.stats.sent += sent

@@ -81,7 +81,7 @@ class Pool:
         "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
         "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
         "servers", "stats", "tls", "user", "user_cfg", "waited", "waiters", "welcomes",
-        "passthrough", "scram_keys", "budget",
+        "passthrough", "scram_keys", "budget", "looked_up",
     )
 
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
@@ -117,6 +117,7 @@ class Pool:
         # takes no new clients and goes once its clients have.
         self.paused = False
         self.removed = False
+        self.looked_up = False  # made for users that auth_query found (frontend/authquery.py)
 
     def configure(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
                   pool_size: int | None = None, min_pool_size: int | None = None,

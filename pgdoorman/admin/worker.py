@@ -276,7 +276,7 @@ class WorkerControl:
         server = client.server
         return {
             "id": client.id,
-            "user": pool.user,
+            "user": client.login_user,
             "database": pool.cfg.name,
             "state": state,
             **_endpoints(client.transport),

@@ -8,7 +8,7 @@ import difflib
 import importlib.resources
 import re
 import tomllib
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from .durations import parse_duration
@@ -21,6 +21,7 @@ from .schema import (
     POOL_MODES,
     SERVER_TLS_MODES,
     TLS_MODES,
+    AuthQueryConfig,
     Config,
     ConfigError,
     GeneralConfig,
@@ -31,7 +32,9 @@ from .schema import (
 from .tlsfiles import check_ca, check_pair, parse_protocols, resolve
 
 _GENERAL_KEYS = tuple(f.name for f in fields(GeneralConfig))
-_POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "name")
+# auth_user / auth_dbname: PgBouncer's form of auth_query, resolved into PoolConfig.auth_query
+_POOL_KEYS = (*(f.name for f in fields(PoolConfig) if f.name != "name"), "auth_user", "auth_dbname")
+_AUTH_QUERY_KEYS = tuple(f.name for f in fields(AuthQueryConfig))
 _USER_KEYS = tuple(f.name for f in fields(UserConfig))
 _PROMETHEUS_KEYS = tuple(f.name for f in fields(PrometheusConfig))
 _MD5 = re.compile(r"md5[0-9a-fA-F]{32}")
@@ -40,6 +43,7 @@ _SCRAM = re.compile(rf"SCRAM-SHA-256\$([0-9]{{1,10}}):{_B64}\${_B64}:{_B64}")
 _REQUIRED: Any = object()
 MAX_WORKERS = 64
 _POOL_DEFAULTS = PoolConfig(name="")  # slotted dataclasses keep no class-level defaults
+_AUTH_QUERY_DEFAULTS = AuthQueryConfig()
 
 
 def _type_name(v: object) -> str:
@@ -222,6 +226,7 @@ def _pool(pools: _Table, name: str, g: GeneralConfig) -> PoolConfig:
         strict=p.boolean("strict", g.strict),
         pin_policy=p.enum("pin_policy", g.pin_policy, PIN_POLICIES),
         connect_query=p.string("connect_query", g.connect_query),
+        auth_query=_auth_query_table(p, name) if isinstance(p.data.get("auth_query"), dict) else None,
     )
     # Users come after the pool's own keys so errors surface in file order.
     users_table = p.table("users", None)  # entry names are free-form ("0", "1", ...)
@@ -230,6 +235,80 @@ def _pool(pools: _Table, name: str, g: GeneralConfig) -> PoolConfig:
         user = _user(users_table, key, pool.pool_mode, seen)
         pool.users[user.username] = user  # the dict is ours until parse_config returns
     return pool
+
+
+def _auth_query_table(p: _Table, name: str) -> AuthQueryConfig:
+    """PgDoorman's [pools.X.auth_query] table."""
+    t = p.table("auth_query", _AUTH_QUERY_KEYS)
+    d = _AUTH_QUERY_DEFAULTS
+    for key in ("auth_user", "auth_dbname"):
+        if key in p.data:
+            raise p.error(key, "give auth_user/auth_dbname with an auth_query string (PgBouncer's form), "
+                               "or user/database in the [auth_query] table, not both")
+    out = AuthQueryConfig(
+        query=_lookup_query(t, "query", t.string("query", d.query, nonempty=True)),
+        user=t.string("user", nonempty=True),
+        password=_server_secret(t, "password"),
+        database=t.string("database", p.data.get("server_database", name) or name, nonempty=True),
+        lookup_pool_size=t.integer("lookup_pool_size", d.lookup_pool_size, lo=1),
+        pool_size=t.integer("pool_size", d.pool_size, lo=1),
+        cache_ttl=t.duration("cache_ttl", d.cache_ttl),
+        negative_cache_ttl=t.duration("negative_cache_ttl", d.negative_cache_ttl),
+        server_user=t.string("server_user", d.server_user),
+        server_password=_server_secret(t, "server_password"),
+    )
+    if out.server_password and not out.server_user:
+        raise t.error("server_password", "needs server_user (the role every looked-up user logs in as)")
+    return out
+
+
+def _lookup_query(t: _Table, key: str, query: str) -> str:
+    if "$1" not in query:
+        raise t.error(key, "must contain $1 (where the user name goes)")
+    return query
+
+
+def _server_secret(t: _Table, key: str) -> str:
+    secret = t.string(key, "")
+    if (problem := _password_problem(secret, server=True)) is not None:
+        raise t.error(key, problem)
+    return _md5_lower(secret)
+
+
+def _auth_queries(root: _Table, pools_table: _Table, pools: dict[str, PoolConfig],
+                  g: GeneralConfig) -> dict[str, PoolConfig]:
+    """PgBouncer's form: a pool's (or [general]'s) auth_user runs its auth_query; the auth user's
+    password is its entry in that pool's users (or, failing that, in any pool's)."""
+    out: dict[str, PoolConfig] = {}
+    general = root.table("general", None)
+    for name, pool in pools.items():
+        p = pools_table.table(name, None)
+        auth_user = p.data.get("auth_user", g.auth_user)
+        if pool.auth_query is not None or not auth_user:
+            if "auth_query" in p.data and pool.auth_query is None:
+                raise p.error("auth_query", "needs auth_user (here or in [general])")
+            out[name] = pool
+            continue
+        where = p if "auth_user" in p.data else general
+        auth_user = where.string("auth_user", nonempty=True)
+        owner = pool if auth_user in pool.users else next(
+            (other for other in pools.values() if auth_user in other.users), None)
+        if owner is None:
+            raise where.error("auth_user", f"{auth_user!r} has no entry in any pool's users (its password "
+                                           "for the lookup comes from there)")
+        password = owner.users[auth_user].password
+        if password.startswith(("SCRAM-SHA-256$", "jwt-pkey-fpath:")):
+            raise where.error("auth_user", f"{auth_user!r} needs a plain-text or md5 password in "
+                                           f"[pools.{owner.name}.users] to log in for lookups")
+        if "auth_query" in p.data:
+            query = _lookup_query(p, "auth_query", p.string("auth_query", nonempty=True))
+        else:
+            query = _lookup_query(general, "auth_query", g.auth_query) if "auth_query" in general.data \
+                else g.auth_query
+        database = p.string("auth_dbname", g.auth_dbname) or pool.server_database
+        out[name] = replace(pool, auth_query=AuthQueryConfig(
+            query=query, user=auth_user, password=password, database=database))
+    return out
 
 
 def _general(root: _Table) -> GeneralConfig:
@@ -293,6 +372,9 @@ def _security(g: _Table, d: GeneralConfig) -> dict[str, Any]:
             "max_user_client_connections", "max_db_client_connections", "max_db_connections")},
         "auth_failure_delay": g.duration("auth_failure_delay", d.auth_failure_delay),
         "auth_failure_delay_max": g.duration("auth_failure_delay_max", d.auth_failure_delay_max),
+        "auth_user": g.string("auth_user", d.auth_user),
+        "auth_query": g.string("auth_query", d.auth_query, nonempty=True),
+        "auth_dbname": g.string("auth_dbname", d.auth_dbname),
     }
     if out["hba_file"] and out["hba"]:
         raise g.error("hba", "give hba_file or hba, not both")
@@ -411,6 +493,7 @@ def parse_config(text: str, path: str = "<config>") -> Config:
     general = _general(root)
     pools_table = root.table("pools", None)
     pools = {name: _pool(pools_table, name, general) for name in pools_table.data}
+    pools = _auth_queries(root, pools_table, pools, general)
     prom = root.table("prometheus", _PROMETHEUS_KEYS)
     d = PrometheusConfig()
     prometheus = PrometheusConfig(enabled=prom.boolean("enabled", d.enabled),

@@ -57,6 +57,30 @@ class UserConfig:
     server_password: str | None = field(default=None, repr=False)
 
 
+# PgBouncer's auth_query default (1.21+): an expired or NOLOGIN role has no password to match
+DEFAULT_AUTH_QUERY = ("SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+                      "FROM pg_authid WHERE rolname = $1 AND rolcanlogin")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthQueryConfig:
+    """Users not in the config log in with the secret a query on the server returns for them
+    (frontend/authquery.py): [pools.X.auth_query], or PgBouncer's auth_user + auth_query."""
+
+    query: str = DEFAULT_AUTH_QUERY  # $1 is the user name, as a quoted literal
+    user: str = ""  # the server role the lookup logs in as
+    password: str = field(default="", repr=False)  # its password: plain text or md5 ("" = trust)
+    database: str = ""  # resolved by the loader: defaults to the pool's server_database
+    lookup_pool_size: int = 1  # server connections for lookups, per worker
+    pool_size: int = 20  # servers of each looked-up user's pool (or of the server_user pool)
+    cache_ttl: float = 300.0  # a found secret is used this long before it is looked up again
+    negative_cache_ttl: float = 30.0  # an unknown user is not looked up again for this long
+    # All looked-up users share one pool that logs in as server_user (with server_password);
+    # "" = each user its own pool, logged in by pass-through with the user's own secret.
+    server_user: str = ""
+    server_password: str = field(default="", repr=False)
+
+
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
     name: str  # the client-facing database name
@@ -75,6 +99,7 @@ class PoolConfig:
     strict: bool = False
     pin_policy: str = "pin"
     connect_query: str = ""  # run on every new server connection before it is lent
+    auth_query: AuthQueryConfig | None = None  # users not listed below: looked up on the server
     users: dict[str, UserConfig] = field(default_factory=dict)  # keyed by username
 
 
@@ -150,6 +175,11 @@ class GeneralConfig:
     # the max; a success, or a quiet minute, forgets them. 0 = no delay.
     auth_failure_delay: float = 0.1
     auth_failure_delay_max: float = 5.0
+    # PgBouncer's form of auth_query, the default of every pool: auth_user (its password from a
+    # pool's users) runs auth_query in auth_dbname ("" = the pool's own server database)
+    auth_user: str = ""
+    auth_query: str = DEFAULT_AUTH_QUERY
+    auth_dbname: str = ""
 
 
 @dataclass(frozen=True, slots=True)
