@@ -96,7 +96,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
         "_asked", "_exchange", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
-        "_partial",
+        "_partial", "_stream_size",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_skip",
         "_custom", "_initial", "_names", "_notes", "_pin_policy", "_pinned", "_startup",
         "_statement_mode",
@@ -156,6 +156,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._heard_here: frozenset[str] = frozenset()
         self._custom: list[str] = []  # names of custom settings it may have set (note_settings)
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
+        self._stream_size = app.config.general.message_size_to_be_stream
         self._buf = bytearray(initial)  # login-phase input
         self._held: bytes | bytearray | None = None  # requests waiting for a server
         self._partial: bytes | bytearray = b""  # an incomplete message the pooler must read whole
@@ -757,7 +758,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 if names and server.unnamed_owner is not self:
                     names = NAMES_GUARDED  # its unnamed statement may be another client's
                 scan_start = pos
-                pos, result, skip, seen = scan_requests(data, pos, pending, names, self._max_message)
+                pos, result, skip, seen = scan_requests(data, pos, pending, names, self._max_message,
+                                                        self._stream_size)
                 if seen:
                     # Whose unnamed statement the server holds, and which one is this client's (a
                     # later Bind without Parse may need it on another server): an unnamed Parse sets
@@ -776,6 +778,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     break
                 if result == STREAM:
                     self._skip = skip
+                    if seen & SAW_QUERY:  # a Query too long to read whole: assume it changed the
+                        server.settings_dirty = True  # session (temp table, SET): read it back
                     break
                 if result == SPECIAL:
                     end = pos + 1 + _unpack_len(data, pos + 1)[0]

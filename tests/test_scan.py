@@ -45,14 +45,14 @@ streams = st.lists(messages, max_size=12).map(b"".join)
 @needs_compiled
 @settings(max_examples=int(os.environ.get("SCAN_EXAMPLES", "600")), deadline=None)
 @given(streams, st.integers(0, 3), st.binary(max_size=8), st.integers(0, 2), st.integers(4, 64),
-       st.booleans())
-def test_scan_requests_twins(data, cut, pending, check_names, max_len, growing):
+       st.booleans(), st.integers(0, 40))
+def test_scan_requests_twins(data, cut, pending, check_names, max_len, growing, whole_query):
     data = data[: max(0, len(data) - cut)]
     if growing:  # the relays also scan the bytearray an incomplete message grew in
         data = bytearray(data)
     py_pending, c_pending = bytearray(pending), bytearray(pending)
-    expected = scan.py_scan_requests(data, 0, py_pending, check_names, max_len)
-    assert _scan.scan_requests(data, 0, c_pending, check_names, max_len) == expected
+    expected = scan.py_scan_requests(data, 0, py_pending, check_names, max_len, whole_query)
+    assert _scan.scan_requests(data, 0, c_pending, check_names, max_len, whole_query) == expected
     assert c_pending == py_pending
 
 

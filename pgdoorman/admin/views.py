@@ -9,7 +9,7 @@ from typing import Any
 
 from pgdoorman import __version__
 from pgdoorman.admin import columns as c
-from pgdoorman.config import RESTART_KEYS, Config, GeneralConfig, format_duration
+from pgdoorman.config import RESTART_KEYS, SIZE_KEYS, Config, GeneralConfig, format_duration, format_size
 from pgdoorman.metrics.stats import add, percentile
 
 Row = list[Any]
@@ -476,6 +476,8 @@ def config_rows(config: Config) -> list[Row]:
             value = "********" if value else ""
         if f.name in _DURATIONS:
             value, dflt = format_duration(value), format_duration(dflt)
+        elif f.name in SIZE_KEYS:
+            value, dflt = format_size(value), format_size(dflt)
         rows.append([f.name, _text(value), _text(dflt), "no" if f.name in RESTART_KEYS else "yes"])
     return rows
 

@@ -7,6 +7,7 @@ from .schema import (
     LOG_LEVELS,
     POOL_MODES,
     RESTART_KEYS,
+    SIZE_KEYS,
     Config,
     ConfigError,
     GeneralConfig,
@@ -14,12 +15,16 @@ from .schema import (
     PrometheusConfig,
     UserConfig,
 )
+from .sizes import format_size, parse_size
 from .workers import pool_keys, pool_share, worker_count
 
 __all__ = [
     "LOG_LEVELS",
     "POOL_MODES",
     "RESTART_KEYS",
+    "SIZE_KEYS",
+    "format_size",
+    "parse_size",
     "PrometheusConfig",
     "Config",
     "ConfigError",

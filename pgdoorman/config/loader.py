@@ -29,6 +29,7 @@ from .schema import (
     PrometheusConfig,
     UserConfig,
 )
+from .sizes import parse_size
 from .tlsfiles import check_ca, check_pair, parse_protocols, resolve
 
 _GENERAL_KEYS = tuple(f.name for f in fields(GeneralConfig))
@@ -128,6 +129,15 @@ class _Table:
         v = self._get(key, default, (int, float, str), "duration (milliseconds or a string like '5s')")
         try:
             return parse_duration(v)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def size(self, key: str, default: int) -> int:
+        if key not in self.data:
+            return default
+        v = self._get(key, default, (int, str), "size (bytes or a string like '1MB')")
+        try:
+            return parse_size(v)
         except ValueError as e:
             raise self.error(key, str(e)) from None
 
@@ -353,7 +363,9 @@ def _general(root: _Table) -> GeneralConfig:
         log_client_connections=g.boolean("log_client_connections", d.log_client_connections),
         log_client_disconnections=g.boolean("log_client_disconnections", d.log_client_disconnections),
         workers=g.integer("workers", d.workers, lo=0, hi=MAX_WORKERS),
-        max_message_size=g.integer("max_message_size", d.max_message_size),
+        max_message_size=g.size("max_message_size", d.max_message_size),
+        message_size_to_be_stream=g.size("message_size_to_be_stream", d.message_size_to_be_stream),
+        max_memory_usage=g.size("max_memory_usage", d.max_memory_usage),
         tcp_keepalive=g.boolean("tcp_keepalive", d.tcp_keepalive),
         **_tls(g, d),
         **_security(g, d),

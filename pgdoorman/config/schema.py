@@ -19,6 +19,8 @@ TLS_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"
 # TLS towards servers (libpq's sslmode, without allow: "prefer" is what libpq and PgBouncer default to)
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 CHANNEL_BINDINGS = ("disable", "prefer", "require")
+# Keys whose values are sizes in bytes (config/sizes.py: "1MB" or a number of bytes)
+SIZE_KEYS = ("max_message_size", "message_size_to_be_stream", "max_memory_usage")
 # Keys read only at start: a reload that changes them says they need a restart.
 RESTART_KEYS = ("host", "port", "unix_socket_dir", "workers", "log_format")
 
@@ -143,7 +145,11 @@ class GeneralConfig:
     log_client_connections: bool = True
     log_client_disconnections: bool = True
     workers: int = 0  # worker processes; 0 = one per CPU core
-    max_message_size: int = 0  # 0 = unlimited
+    max_message_size: int = 0  # bytes; 0 = PostgreSQL's own limit (1 GB)
+    # A message longer than this is relayed as it arrives, never held whole (client.py, server.py)
+    message_size_to_be_stream: int = 1 << 20
+    # Bytes held for messages in flight, all workers together (limits.MemoryBudget); 0 = no limit
+    max_memory_usage: int = 256 << 20
     tcp_keepalive: bool = True
     # TLS towards clients (frontend/tls.py). Paths are as given or relative to the config file.
     tls_mode: str = "disable"

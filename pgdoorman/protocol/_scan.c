@@ -233,9 +233,9 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyByteArray_Check(args[2])) {
+    if ((nargs != 5 && nargs != 6) || !PyByteArray_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError,
-                        "scan_requests(data, pos, pending: bytearray, check_names, max_len)");
+                        "scan_requests(data, pos, pending: bytearray, check_names, max_len[, whole_query])");
         return NULL;
     }
     Py_buffer view;
@@ -244,7 +244,8 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     long check_names = PyLong_AsLong(args[3]);
     Py_ssize_t max_len = PyLong_AsSsize_t(args[4]);
-    if ((pos < 0 || max_len < 0 || check_names < 0) && PyErr_Occurred()) {
+    Py_ssize_t whole_query = nargs == 6 ? PyLong_AsSsize_t(args[5]) : 0;
+    if ((pos < 0 || max_len < 0 || check_names < 0 || whole_query < 0) && PyErr_Occurred()) {
         PyBuffer_Release(&view);
         return NULL;
     }
@@ -292,10 +293,10 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
                 result = STREAM;
                 break;
             }
-            if (kind == 'Q' && check_names) { /* a Query the pooler may have to read: its start */
+            if (kind == 'Q' && check_names) { /* a Query the pooler may have to read */
                 Py_ssize_t avail = n - pos - 5, want = length - 4 < 10 ? length - 4 : 10;
-                if (avail < want)
-                    break;
+                if (length <= whole_query || avail < want)
+                    break; /* read whole (its session-state marks), or at least its start */
                 if (strchr("DdPp", data[pos + 5]) &&
                     ((avail >= 10 && !strncasecmp((const char *)data + pos + 5, "deallocate", 10)) ||
                      (avail >= 7 && !strncasecmp((const char *)data + pos + 5, "prepare", 7))))

@@ -153,15 +153,19 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
 
 
 def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: int,
-                     max_len: int) -> tuple[int, int, int, int]:
+                     max_len: int, whole_query: int = 0) -> tuple[int, int, int, int]:
     """Walk client messages from pos, appending to pending. Returns (pos, result, skip, seen).
+
+    whole_query: with check_names, a Query up to this long is read whole before it is judged (its
+    session-state marks are looked for); a longer one streams once its first 10 bytes are here,
+    and the caller must assume it changed session state (SAW_QUERY with STREAM says so).
 
     check_names: NAMES_PLAIN, NAMES_MAPPED or NAMES_GUARDED. A request is owed a reply from its
     header on: an incomplete Query/FunctionCall/Execute/Sync is counted before it is streamed.
     seen (0 with NAMES_PLAIN) tells the relay what became of the unnamed statement: SAW_PARSE if
     an unnamed Parse was counted, plus SAW_QUERY if a Query was counted after the last of them."""
     start = len(pending)
-    pos, result, skip = _scan_requests(data, pos, pending, check_names, max_len)
+    pos, result, skip = _scan_requests(data, pos, pending, check_names, max_len, whole_query)
     if not check_names or len(pending) == start:
         return pos, result, skip, 0
     parse_at = pending.rfind(PARSE, start)
@@ -171,7 +175,7 @@ def py_scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, chec
 
 
 def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_names: int,
-                   max_len: int) -> tuple[int, int, int]:
+                   max_len: int, whole_query: int) -> tuple[int, int, int]:
     n = len(data)
     while pos + 5 <= n:
         kind = data[pos]
@@ -190,8 +194,8 @@ def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_
                 return n, STREAM, end - n
             if kind in _WHOLE:
                 return pos, DONE, 0
-            if kind == 81 and check_names:  # a Query the pooler may have to read: see its start
-                if n - pos - 5 < min(length - 4, 10) or (
+            if kind == 81 and check_names:  # a Query the pooler may have to read: whole, or its start
+                if length <= whole_query or n - pos - 5 < min(length - 4, 10) or (
                         data[pos + 5] in b"DdPp"
                         and data[pos + 5 : pos + 15].lower().startswith(_OWN_QUERY_PREFIXES)):
                     return pos, DONE, 0
