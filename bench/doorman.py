@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from bench.targets import PoolerProcess
 from pgdoorman.config import render_config
@@ -20,6 +21,7 @@ class PgDoorman(PoolerProcess):
     workers: int = 0  # pgdoorman's default: one worker process per CPU core
     source_root: str = REPO_ROOT  # another checkout (a git worktree of --baseline) to run instead
     strict: bool = False  # pool strict = true: the session read back after every transaction
+    general: dict[str, Any] = field(default_factory=dict)  # more [general] keys (bench/memory.py)
 
     def prepare(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="pgdoorman-bench-pgdoorman-")
@@ -38,6 +40,7 @@ class PgDoorman(PoolerProcess):
                 "log_client_connections": False,  # as PgBouncer's log_connections = 0
                 "log_client_disconnections": False,
                 **self._tls_settings(),
+                **self.general,
             },
             "pools": {
                 self.database: {

@@ -38,7 +38,7 @@ from pgdoorman.config import (
 )
 from pgdoorman.frontend.authquery import AuthLookup
 from pgdoorman.frontend.tls import ClientTls, client_tls
-from pgdoorman.limits import ClientCaps, FailureDelay, Refusal
+from pgdoorman.limits import ClientCaps, FailureDelay, MemoryBudget, Refusal
 from pgdoorman.listen import listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
 from pgdoorman.pool import DbBudget, Pool
@@ -66,6 +66,7 @@ class App:
         self._admits: dict[int, Callable[[Refusal | None], None]] = {}
         self._admit_ids = itertools.count(1)
         self.failures = FailureDelay()
+        self.memory = MemoryBudget()  # max_memory_usage: this worker's share (apply_config)
         ids.configure(worker, workers)
         self.cancels = CancelRegistry(worker, workers)
         self.auth_key = b""
@@ -109,6 +110,7 @@ class App:
             restart.append("prometheus")
         self.config = config
         set_log_level(config.general.log_level)
+        self.memory.limit = config.general.max_memory_usage // self.workers
         self.jwt_keys.clear()
         try:  # re-read on every reload: a renewed certificate serves the next connections
             self.tls = client_tls(config.general)

@@ -96,7 +96,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
         "_asked", "_exchange", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
-        "_partial", "_stream_size",
+        "_partial", "_stream_size", "_charged", "_charged_out", "_charged_srv",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_skip",
         "_custom", "_initial", "_names", "_notes", "_pin_policy", "_pinned", "_startup",
         "_statement_mode",
@@ -157,6 +157,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._custom: list[str] = []  # names of custom settings it may have set (note_settings)
         self._max_message = app.config.general.max_message_size or MAX_MESSAGE
         self._stream_size = app.config.general.message_size_to_be_stream
+        # What it holds for messages in flight, charged to the worker's max_memory_usage share
+        # (limits.MemoryBudget): buffered input, and output waiting for a slow peer.
+        self._charged = 0
+        self._charged_out = 0  # its socket's write buffer (a slow client)
+        self._charged_srv = 0  # its server's: requests waiting for a slow server, or a reply read whole
         self._buf = bytearray(initial)  # login-phase input
         self._held: bytes | bytearray | None = None  # requests waiting for a server
         self._partial: bytes | bytearray = b""  # an incomplete message the pooler must read whole
@@ -225,6 +230,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     self._forward(data, server)
                 else:
                     self._verify_hold += data
+                    if not self._recharge():
+                        return
                     if len(self._verify_hold) > HOLD_LIMIT and not self._paused:
                         self._paused = True
                         self.transport.pause_reading()
@@ -232,6 +239,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 if isinstance(self._held, bytes):  # a second chunk: start accumulating
                     self._held = bytearray(self._held)
                 self._held += data
+                if not self._recharge():
+                    return
                 if len(self._held) > HOLD_LIMIT and not self._paused:
                     self._paused = True
                     self.transport.pause_reading()
@@ -265,10 +274,56 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
             self.server.transport.pause_reading()
+        self.output_waiting(self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
             self.server.transport.resume_reading()
+        self.output_waiting(0)
+
+    # --- memory (limits.MemoryBudget) ---
+
+    def _recharge(self) -> bool:
+        """Charge what it holds of its input now; False if that went over max_memory_usage, and
+        the client is then ended with 53200 (others are untouched)."""
+        held = self._held
+        total = len(self._partial) + (len(held) if type(held) is bytearray else 0) + (
+            len(self._verify_hold) if self._verify_hold is not None else 0)
+        if self.app.memory.change(total - self._charged):
+            self._charged = total
+            return True
+        self._out_of_memory(total - self._charged)
+        return False
+
+    def output_waiting(self, size: int) -> bool:
+        """What waits in its socket's write buffer for a slow client (over the high-water mark);
+        0 once it drained."""
+        if self.state == CLOSED:
+            return True
+        if self.app.memory.change(size - self._charged_out):
+            self._charged_out = size
+            return True
+        self._out_of_memory(size - self._charged_out)
+        return False
+
+    def held_by_server(self, size: int) -> bool:
+        """What its server holds for it: its requests in the write buffer of a slow server, or an
+        incomplete reply the pooler must read whole; 0 once that is gone."""
+        if self.state == CLOSED:
+            return True
+        if self.app.memory.change(size - self._charged_srv):
+            self._charged_srv = size
+            return True
+        self._out_of_memory(size - self._charged_srv)
+        return False
+
+    def _out_of_memory(self, wanted: int) -> None:
+        budget = self.app.memory
+        log.warning("%s: %s: max_memory_usage: this worker holds %d bytes for messages in flight (its "
+                    "share: %d), %d more refused", self.id, self.peer, budget.used, budget.limit, wanted)
+        self.fatal(codes.OUT_OF_MEMORY, "out of memory",
+                   f"max_memory_usage reached: the pooler holds too much for messages in flight "
+                   f"({wanted} more bytes were needed for this connection)")
 
     # --- login ---
 
@@ -727,8 +782,11 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             if self._partial:
                 self._partial, whole = grow_partial(self._partial, data, self._need)
                 if not whole:
+                    self._recharge()  # (a refusal ends the client: nothing more to do here)
                     return
                 data, self._partial = self._partial, b""
+                if self._charged:
+                    self._recharge()
             if self.channels:
                 self._show_channels(data, server)
             if self._drop:  # the rest of a request the pooler replaced with an error
@@ -830,6 +888,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             if pos < n:
                 self._partial = data[pos:]  # an incomplete message to read whole
                 self._need = message_need(data, pos)
+                if not self._recharge():
+                    return
             if out is None:
                 if pos:
                     transport.write(data if pos >= n else data[:pos])
@@ -947,6 +1007,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     def on_ready(self, status: int) -> None:
         """The server answered everything we sent and reports its transaction status."""
         self.in_transaction = status != _STATUS_IDLE
+        if self._charged:  # what it held while its requests waited has gone to the server
+            self._recharge()
         if self._notes is not None:  # notifications that came during the reply, right after it
             self._deliver_notes()
         if self._terminating:  # everything before the client's Terminate is answered
@@ -1211,6 +1273,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return
         was_active = self.state == ACTIVE
         self.state = CLOSED
+        if self._charged or self._charged_out or self._charged_srv:
+            self.app.memory.change(-self._charged - self._charged_out - self._charged_srv)
+            self._charged = self._charged_out = self._charged_srv = 0
         self._cancel_timer()
         self.app.cancels.unregister(self)
         self.app.client_disconnected(self)

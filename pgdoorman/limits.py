@@ -84,3 +84,42 @@ class FailureDelay:
     def expire(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._failures = {a: v for a, v in self._failures.items() if now - v[1] <= FORGET_AFTER}
+
+
+class MemoryBudget:
+    """max_memory_usage: bytes this worker holds for messages in flight (its share of the pooler's
+    limit: each of N workers gets limit / N, so all together never exceed it).
+
+    Counted where the pooler holds data beyond one socket read: an incomplete message it must read
+    whole, requests waiting for a server beyond their first read, and what waits for a slow peer
+    once its socket's write buffer is over the high-water mark. Each holder charges its current
+    total (charge()); a charge that would go over the limit is refused, and the holder's client
+    then ends with 53200: nobody else waits and nothing blocks."""
+
+    __slots__ = ("limit", "peak", "refused", "used")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit  # 0: no limit (still counted, for SHOW MEM)
+        self.used = 0
+        self.peak = 0
+        self.refused = 0  # clients ended by the limit
+
+    def change(self, delta: int) -> bool:
+        """Apply a holder's change of `delta` bytes; False (and nothing applied) if a growth would
+        go over the limit."""
+        used = self.used + delta
+        if delta > 0 and self.limit and used > self.limit:
+            self.refused += 1
+            return False
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+        return True
+
+
+OUT_OF_MEMORY = (codes.OUT_OF_MEMORY, "out of memory")
+
+
+def memory_detail(budget: MemoryBudget, wanted: int) -> str:
+    return (f"max_memory_usage reached: this worker holds {budget.used} bytes for messages in flight "
+            f"(its share is {budget.limit}); the connection needed {wanted} more")

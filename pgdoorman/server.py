@@ -122,6 +122,7 @@ class ClientLink(Protocol):
     def on_copy_in(self) -> None: ...
     def on_query_skipped(self) -> None: ...
     def on_unnamed_parses_skipped(self, count: int) -> None: ...
+    def held_by_server(self, size: int) -> bool: ...
 
 
 class ServerError(Exception):
@@ -393,8 +394,12 @@ class ServerConn(ServerState, asyncio.Protocol):
         if self._partial:
             self._partial, whole = grow_partial(self._partial, data, self._need)
             if not whole:
+                if self.client is not None:  # a reply read whole (ErrorResponse, FunctionCallResponse)
+                    self.client.held_by_server(len(self._partial))
                 return
             data, self._partial = self._partial, b""
+            if self.client is not None:
+                self.client.held_by_server(0)
         n = len(data)
         pos = self._skip
         if pos:  # the rest of a DataRow or CopyData streamed through
@@ -856,9 +861,14 @@ class ServerConn(ServerState, asyncio.Protocol):
             client.on_server_lost(self, reason)
 
     def pause_writing(self) -> None:
-        if self.client is not None:
-            self.client.transport.pause_reading()
+        client = self.client
+        if client is not None:
+            client.transport.pause_reading()
+            if self.transport is not None:  # the client's requests wait for this slow server
+                client.held_by_server(self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
-        if self.client is not None:
-            self.client.transport.resume_reading()
+        client = self.client
+        if client is not None:
+            client.transport.resume_reading()
+            client.held_by_server(0)

@@ -488,7 +488,13 @@ def _mem(snapshots: list[dict[str, Any]]) -> list[Row]:
     clients = sum(s["clients"] for s in snapshots)
     servers = sum(s["servers"] for s in snapshots)
     statements = sum(p["prepared_stats"]["statements"] for s in snapshots for p in s["pools"])
+    # Bytes held for messages in flight (max_memory_usage), summed over workers; the peak is the
+    # sum of each worker's own peak (an upper bound of the pooler's).
+    used, peak, limit, refused = (sum(s.get("memory", (0, 0, 0, 0))[i] for s in snapshots) for i in range(4))
     return [
+        ["messages_in_flight", 1, used, max(0, limit - used) if limit else 0, used],
+        ["messages_in_flight_peak", 1, peak, 0, peak],
+        ["messages_refused_for_memory", 1, refused, 0, 0],
         ["client_cache", 1024, clients, 0, 1024 * clients],
         ["server_cache", 2048, servers, 0, 2048 * servers],
         ["server_prepared_statement_cache", 256, statements, 0, 256 * statements],

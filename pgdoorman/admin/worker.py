@@ -204,6 +204,8 @@ class WorkerControl:
             "paused": sorted(app.paused_dbs),
             "disabled": sorted(app.disabled_dbs),
             "shutting_down": app.shutdown_mode,
+            # max_memory_usage (limits.MemoryBudget): held now, its peak, this worker's share, refusals
+            "memory": [app.memory.used, app.memory.peak, app.memory.limit, app.memory.refused],
         }
         if "clients" in what:
             out["client_rows"] = clients_rows

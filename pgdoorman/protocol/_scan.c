@@ -144,7 +144,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
         /* the pooler reads the rows of its own HIDDEN_ROWS queries, whole */
         int rows_hidden = kind == 'D' && head < npending && kinds[head] == HIDDEN_ROWS;
         if (end > n) {
-            if ((kind == 'D' && !rows_hidden) || kind == 'd') {
+            if ((kind == 'D' && !rows_hidden) || kind == 'd' || kind == 'V') {
                 skip = (long)(end - n);
                 pos = n;
                 result = STREAM;

@@ -105,7 +105,8 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
         kind = data[pos]
         end = pos + 1 + _unpack_len(data, pos + 1)[0]
         if end > n:
-            if kind == 100 or (kind == 68 and not (pending and pending[0] == HIDDEN_ROWS)):
+            # DataRow, CopyData, FunctionCallResponse: relayed as they arrive, whatever their size
+            if kind == 100 or kind == 86 or (kind == 68 and not (pending and pending[0] == HIDDEN_ROWS)):
                 return n, STREAM, end - n, last_z
             return pos, DONE, 0, last_z
         if kind == 68:
