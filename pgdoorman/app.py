@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgdoorman")
 GC_THRESHOLD = 20000
+_TIMES = struct.Struct("dd")  # a server's accounting clock (metrics/account.py new_times)
 TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_timeout
 CLOSE_NOTE_BATCH = 64  # client closes told to the acceptor at once (or at the next tick)
 
@@ -624,6 +626,7 @@ class App:
                     lookup.pool.maintain()
                 self._drop_unused_pools()
                 self._expire_clients()
+                self._enforce_timeouts()
                 self._report_closed()
                 self._report_load()
                 self._housekeep_control()
@@ -659,6 +662,28 @@ class App:
                 self._draining.remove(pool)
                 pool.close_all("pool removed from the config")
         self._shutdown_progress()
+
+    def _enforce_timeouts(self) -> None:
+        """query_timeout and transaction_timeout, PgBouncer's meaning: checked each tick (their
+        precision) over lent servers only, from the clock the accounting already keeps per server
+        (metrics/account.py times: request start, transaction start)."""
+        g = self.config.general
+        if not (g.query_timeout or g.transaction_timeout):
+            return
+        now = time.monotonic()
+        for pool in self.pools.values():
+            for server in list(pool.servers):
+                client = server.client
+                if not isinstance(client, ClientConn) or client.state != ACTIVE:
+                    continue
+                request_at, xact_at = _TIMES.unpack_from(server.times)
+                if g.query_timeout and server.pending and request_at and now - request_at > g.query_timeout:
+                    self.cancels.cancel_server(server)  # a closed socket does not stop pg_sleep
+                    client.fatal(codes.QUERY_CANCELED, f"canceling statement due to query_timeout "
+                                 f"({g.query_timeout:g}s): the connection ends")
+                elif g.transaction_timeout and xact_at and now - xact_at > g.transaction_timeout:
+                    client.fatal(codes.TRANSACTION_TIMEOUT,
+                                 "terminating connection due to transaction timeout")
 
     def _expire_clients(self) -> None:
         g = self.config.general

@@ -69,10 +69,13 @@ class CancelRegistry:
         if server is None or not server.pending:
             log.info("%s: cancel request ignored: no query running", client.id)
             return
-        # The server stays with this client (or parked) until the cancel is done, so the
-        # cancel can never hit another client's query.
-        server.cancels_in_flight += 1
         log.info("%s: forwarding cancel to %s (backend pid %d)", client.id, server.id, server.backend_pid)
+        self.cancel_server(server)
+
+    def cancel_server(self, server: ServerConn) -> None:
+        """Cancel what the server runs. It stays with its client, or parked once released, until
+        the cancel is done, so the cancel can never hit another client's query."""
+        server.cancels_in_flight += 1
         task = asyncio.get_running_loop().create_task(self._send(server))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

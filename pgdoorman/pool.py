@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgdoorman.pool")
 
-RETRY_DELAY = 0.5  # after a failed connect, before the next attempt for the same pool
 RECONNECTING = "reconnect requested (RECONNECT, or its address or login changed)"
 
 
@@ -362,7 +361,7 @@ class Pool:
             server = await self.connect()
         except ServerError as exc:
             self.connecting -= 1
-            self._retry_at = time.monotonic() + RETRY_DELAY
+            self._retry_at = time.monotonic() + self.general.server_login_retry
             log.warning("%s: server connect failed: %s", self.name, exc)
             if not self.servers and self.connecting == 0:
                 self.fail_waiters(f"server login failed: {exc}", exc.code)

@@ -50,6 +50,7 @@ from pgdoorman.protocol.scan import (
     scan_replies,
 )
 from pgdoorman.protocol.state import HAS_REF, ServerState
+from pgdoorman.tcp import tune
 from pgdoorman.tlswrap import reason, start_tls
 
 if TYPE_CHECKING:
@@ -219,8 +220,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             return
         sock = transport.get_extra_info("socket")
         tcp = sock is not None and sock.family != socket.AF_UNIX
-        if self.pool.general.tcp_keepalive and tcp:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if tcp:
+            tune(sock, self.pool.general)
         if tcp and self.pool.tls.context is not None:
             self._tls_state = _TLS_ASKED
             self.transport.write(_SSL_REQUEST)

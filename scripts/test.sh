@@ -14,6 +14,8 @@ command -v mvn >/dev/null || need_apt+=(maven)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 # Debian's exporter scrapes the admin console in tests/test_metrics.py
 [ -x /usr/bin/prometheus-pgbouncer-exporter ] || need_apt+=(prometheus-pgbouncer-exporter)
+# tests/test_timeouts.py freezes a port with iptables (packets dropped, so nothing is acknowledged)
+command -v iptables >/dev/null || need_apt+=(iptables)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

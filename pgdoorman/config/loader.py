@@ -367,6 +367,13 @@ def _general(root: _Table) -> GeneralConfig:
         message_size_to_be_stream=g.size("message_size_to_be_stream", d.message_size_to_be_stream),
         max_memory_usage=g.size("max_memory_usage", d.max_memory_usage),
         tcp_keepalive=g.boolean("tcp_keepalive", d.tcp_keepalive),
+        tcp_keepidle=g.duration("tcp_keepidle", d.tcp_keepidle),
+        tcp_keepintvl=g.duration("tcp_keepintvl", d.tcp_keepintvl),
+        tcp_keepcnt=g.integer("tcp_keepcnt", d.tcp_keepcnt, hi=127),
+        tcp_user_timeout=g.duration("tcp_user_timeout", d.tcp_user_timeout),
+        query_timeout=g.duration("query_timeout", d.query_timeout),
+        transaction_timeout=g.duration("transaction_timeout", d.transaction_timeout),
+        server_login_retry=g.duration("server_login_retry", d.server_login_retry),
         **_tls(g, d),
         **_security(g, d),
     )

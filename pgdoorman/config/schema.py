@@ -151,6 +151,19 @@ class GeneralConfig:
     # Bytes held for messages in flight, all workers together (limits.MemoryBudget); 0 = no limit
     max_memory_usage: int = 256 << 20
     tcp_keepalive: bool = True
+    # TCP options of every client and server socket (0 = the system's): keepalive probes notice a
+    # dead idle peer, TCP_USER_TIMEOUT a peer that stopped acknowledging what was sent (pgdoorman/tcp.py)
+    tcp_keepidle: float = 0.0
+    tcp_keepintvl: float = 0.0
+    tcp_keepcnt: int = 0
+    tcp_user_timeout: float = 0.0
+    # PgBouncer's: a query (a request owed a reply) running longer ends its client and its server;
+    # a transaction open longer ends its client (PostgreSQL 17's transaction_timeout, 25P04)
+    query_timeout: float = 0.0
+    transaction_timeout: float = 0.0
+    # After a failed server login, the next attempt of that pool waits this long (PgBouncer: 15s;
+    # shorter here so a restarted PostgreSQL is served again within about a second)
+    server_login_retry: float = 1.0
     # TLS towards clients (frontend/tls.py). Paths are as given or relative to the config file.
     tls_mode: str = "disable"
     tls_certificate: str = ""
