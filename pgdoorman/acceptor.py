@@ -32,6 +32,7 @@ from pgdoorman import channel, sdnotify
 from pgdoorman.admin import coordinate
 from pgdoorman.channel import Assembler, Load
 from pgdoorman.config import Config, ConfigError, pool_keys, pool_share
+from pgdoorman.fdlimit import OUT_OF_FDS, PAUSE, FdGuard
 from pgdoorman.limits import ClientCaps
 from pgdoorman.listen import listening_sockets
 from pgdoorman.logs import set_log_level
@@ -95,6 +96,7 @@ class Acceptor:
         self._balanced_at: dict[int, float] = {}  # pool index -> when clients last moved
         self._stopped = asyncio.Event()
         self._listeners: list[socket.socket] = []
+        self._fds = FdGuard()  # a spare descriptor, to refuse clients once there are none left
         self._fanouts: dict[int, Fanout] = {}
         self._fanout_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -118,8 +120,14 @@ class Acceptor:
                 sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: the client waits in the backlog
-                log.error("accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in OUT_OF_FDS:  # refused, not left in the backlog (readable: a spin)
+                    if not self._fds.refuse_waiting(listener, exc):
+                        loop = asyncio.get_running_loop()
+                        loop.remove_reader(listener.fileno())
+                        loop.call_later(PAUSE, self._resume_accepting, listener)
+                else:  # ECONNABORTED and the like: that client's problem, not the listener's
+                    log.info("accept failed: %s", exc)
                 return
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,6 +136,10 @@ class Acceptor:
                 asyncio.get_running_loop().call_later(RECHECK_FULL, self._admit_or_refuse, sock)
                 continue
             self._admit(sock)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if listener in self._listeners and not self.shutdown_mode:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
 
     def _full(self) -> bool:
         return sum(w.clients for w in self.workers) >= self.config.general.max_client_conn

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgdoorman")
 GC_THRESHOLD = 20000
+_CLIENT_KINDS = frozenset((channel.NEW_CLIENT, channel.FINAL_CLIENT, channel.MOVED_CLIENT))
 _TIMES = struct.Struct("dd")  # a server's accounting clock (metrics/account.py new_times)
 TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_timeout
 CLOSE_NOTE_BATCH = 64  # client closes told to the acceptor at once (or at the next tick)
@@ -86,6 +87,7 @@ class App:
         self._asks: dict[int, asyncio.Future[list[Any]]] = {}  # console requests out to all workers
         self._ask_ids = itertools.count(1)
         self._closed_unreported = 0  # client closes the acceptor has not been told of yet
+        self._fd_warned = 0.0
         self._adopting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[asyncio.AbstractServer] = []
@@ -492,6 +494,14 @@ class App:
             elif kind == channel.MOVE_CLIENTS:
                 pool_index, count, to = channel.unpack(data)
                 self._move_clients(pool_index, count, to)
+            elif fd is None and kind in _CLIENT_KINDS:
+                # out of file descriptors here (the kernel dropped the passed one): the client is
+                # gone, and the acceptor must stop counting it as ours
+                self._closed_unreported += 1
+                now = time.monotonic()
+                if now - self._fd_warned >= 1.0:
+                    self._fd_warned = now
+                    log.warning("a client passed by the acceptor was lost: out of file descriptors")
             elif fd is not None:
                 sock = socket.socket(fileno=fd)
                 if kind == channel.MOVED_CLIENT:

@@ -11,7 +11,16 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pgdoorman import __version__
-from pgdoorman.config import Config, ConfigError, default_config, load_config, parse_config, worker_count
+from pgdoorman.config import (
+    Config,
+    ConfigError,
+    default_config,
+    load_config,
+    parse_config,
+    pool_keys,
+    worker_count,
+)
+from pgdoorman.fdlimit import raise_nofile_limit
 from pgdoorman.logs import force_log_level, setup_logging
 
 
@@ -46,6 +55,13 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+def _fds_needed(config: Config, workers: int) -> int:
+    """Descriptors one worker (or the single process) may hold: its share of max_client_conn and of the
+    servers, and some for listeners, the loop and logs."""
+    servers = sum(config.pools[db].users[user].pool_size for db, user in pool_keys(config))
+    return -(-(config.general.max_client_conn + servers) // workers) + 32
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
@@ -68,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker:
             worker, workers = (int(x) for x in args.worker.split("/"))
             log.info("worker %d of %d starting", worker, workers)
+            raise_nofile_limit(_fds_needed(config, workers))
             from pgdoorman.app import serve
 
             _run(serve(config, worker, workers, args.channel_fd))
@@ -75,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = worker_count(config)
         log.info("pgdoorman %s starting with %s, %d worker%s", __version__, config.path, workers,
                  "s" if workers > 1 else "")
+        # (The acceptor holds a few descriptors at a time; its workers inherit the raised limit.)
+        raise_nofile_limit(_fds_needed(config, 1) if workers == 1 else 0)
         if workers > 1:
             from pgdoorman.acceptor import serve_workers
 

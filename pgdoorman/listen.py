@@ -1,5 +1,5 @@
 """The client-facing listening sockets (TCP addresses and a unix socket), opened once and used by the
-single-process pooler (through asyncio servers) or by the acceptor (which accepts itself)."""
+single-process pooler (Listener, below) or by the acceptor (which accepts itself)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from pgdoorman.config import GeneralConfig
+from pgdoorman.fdlimit import OUT_OF_FDS, PAUSE, FdGuard
+from pgdoorman.tcp import tune
 
 log = logging.getLogger("pgdoorman")
 BACKLOG = 4096
+ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 
 
 def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
@@ -27,8 +31,7 @@ def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if g.tcp_keepalive:  # inherited by accepted sockets
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                tune(sock, g)  # keepalive and TCP_USER_TIMEOUT: inherited by accepted sockets
                 sock.bind(addr)
                 log.info("listening on %s:%d", addr[0], addr[1])
         if g.unix_socket_dir:
@@ -50,14 +53,80 @@ def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
     return socks
 
 
+class Listener(asyncio.AbstractServer):
+    """Accepts on one listening socket and hands each connection to the event loop.
+
+    Not loop.create_server: out of file descriptors, uvloop's server (libuv) closes waiting clients
+    without a word or a log line, and asyncio's logs a traceback and leaves them hanging for a second at
+    a time. Here they get PostgreSQL's "too many clients" and one log line a second (fdlimit.FdGuard).
+    """
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], guard: FdGuard) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._factory = factory
+        self._guard = guard
+        self._tcp = sock.family != socket.AF_UNIX
+        self._serving = True
+        self._handing: set[asyncio.Task[Any]] = set()
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_FDS:
+                    if not self._guard.refuse_waiting(self._sock, exc):
+                        self._loop.remove_reader(self._sock.fileno())
+                        self._loop.call_later(PAUSE, self._resume)
+                else:  # ECONNABORTED and the like: that client's problem, not the listener's
+                    log.info("accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            if self._tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._hand_over(conn))
+            self._handing.add(task)
+            task.add_done_callback(self._handing.discard)
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError as exc:  # gone already, or no descriptor left for the loop's own use
+            log.info("accepted client dropped: %s", exc)
+            conn.close()
+
+    def _resume(self) -> None:
+        if self._serving:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self._serving:
+            self._serving = False
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        pass  # serving from the start
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        pass  # close() is immediate
+
+
 async def serve_on(socks: list[socket.socket],
                    factory: Callable[[], asyncio.Protocol]) -> list[asyncio.AbstractServer]:
-    """asyncio servers (the event loop accepts) on sockets from listening_sockets()."""
-    loop = asyncio.get_running_loop()
-    servers: list[asyncio.AbstractServer] = []
-    for sock in socks:
-        if sock.family == socket.AF_UNIX:
-            servers.append(await loop.create_unix_server(factory, sock=sock, backlog=BACKLOG))
-        else:
-            servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
-    return servers
+    """Listeners (accepting at once) on sockets from listening_sockets(), sharing one spare descriptor."""
+    guard = FdGuard()
+    return [Listener(sock, factory, guard) for sock in socks]

@@ -80,7 +80,7 @@ class Pool:
         "pinned", "pool_size", "prepared_cache_size", "prepared_enabled", "registry", "removed", "served",
         "server_database", "server_params", "server_password", "server_password_is_md5", "server_user",
         "servers", "stats", "tls", "user", "user_cfg", "waited", "waiters", "welcomes",
-        "passthrough", "scram_keys", "budget", "looked_up",
+        "passthrough", "scram_keys", "budget", "looked_up", "_releasing", "_released_later",
     )
 
     def __init__(self, pool_cfg: PoolConfig, user_cfg: UserConfig, general: GeneralConfig,
@@ -90,6 +90,10 @@ class Pool:
         tls: the worker's TLS towards servers (default: built from general)."""
         self.user = user_cfg.username
         self.name = f"{pool_cfg.name}/{user_cfg.username}"
+        # release() re-entered from a waiter's assign() (a login hands its server straight back)
+        # queues the server for the outer call: a storm of waiting logins is a loop, not a recursion
+        self._releasing = False
+        self._released_later: deque[ServerConn] = deque()
         self.generation = 0
         self.configure(pool_cfg, user_cfg, general, pool_size, min_pool_size, tls)
         self.registry = Registry(max(self.prepared_cache_size, 1))
@@ -220,6 +224,20 @@ class Pool:
 
     def release(self, server: ServerConn) -> None:
         """Take a server back; it is lent again only if idle with nothing owed."""
+        if self._releasing:
+            server.client = None
+            self._released_later.append(server)
+            return
+        self._releasing = True
+        try:
+            self._release(server)
+            later = self._released_later
+            while later:
+                self._release(later.popleft())
+        finally:
+            self._releasing = False
+
+    def _release(self, server: ServerConn) -> None:
         server.client = None
         if server.closed:
             return

@@ -24,6 +24,7 @@ from pgdoorman.prepared import ServerStatements, Statement, row_shape
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 from pgdoorman.protocol.scan import (
+    BAD_LENGTH,
     BIND_NAMED,
     COPY_END,
     DESCRIBE,
@@ -39,6 +40,7 @@ from pgdoorman.protocol.scan import (
     PARSE,
     PARSE_NAMED,
     QUERY,
+    REPLY_KINDS,
     STREAM,
     SYNC,
     SYNTH_CLOSE,
@@ -433,11 +435,15 @@ class ServerConn(ServerState, asyncio.Protocol):
             if result == STREAM:
                 self._skip = skip
                 break
+            if result == BAD_LENGTH:
+                self._broken(f"invalid message length {_unpack_len(data, pos + 1)[0]} from server "
+                             f"(message type {data[pos]!r})")
+                return
             end = pos + 1 + _unpack_len(data, pos + 1)[0]
             try:
                 hide, extra = self._special_reply(data, pos, end)
-            except (IndexError, m.ProtocolError):
-                self._broken(f"malformed message {chr(data[pos])!r} from server")
+            except (IndexError, m.ProtocolError) as exc:
+                self._broken(f"malformed or unexpected message {chr(data[pos])!r} from server ({exc})")
                 return
             if data[pos] == _Z and not pending:
                 ready = self.status
@@ -484,12 +490,16 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.said_fatal = True  # the server's own last word: the client needs no other
         if kind == _A:
             return False, b""  # a NotificationResponse is its client's, even amid the pooler's query
+        if kind not in REPLY_KINDS:
+            raise m.ProtocolError(f"unexpected message type {kind!r}")
         if not pending:
             if kind == _S or kind == _E:
                 self._unsolicited(kind, data[pos + 5 : end])
             elif kind == _Z:
                 self.status = data[pos + 5]
                 self.doubt = "ReadyForQuery that no request was owed"
+            elif kind != 78:  # only a NoticeResponse may come unasked (and S, E, A, handled above)
+                raise m.ProtocolError(f"message type {kind!r} that no request was owed")
             return False, b""
         head = pending[0]
         hide = head == HIDDEN_QUERY or head == HIDDEN_ROWS

@@ -39,7 +39,10 @@ messages = st.builds(
                          b"SELECT NextVal('s')\0", b"setval\0", b"val\0"]),
     ),
 )
-streams = st.lists(messages, max_size=12).map(b"".join)
+# garbage a broken server (or client) may send: impossible lengths, unknown kinds
+garbage = st.sampled_from([b"D\0\0\0\x02", b"Y\0\0\0\x04", b"\0\0\0\0\x00", b"D\xff\xff\xff\xff",
+                           b"Q\x80\0\0\0", b"\xff\0\0\0\x04"])
+streams = st.lists(st.one_of(messages, messages, messages, garbage), max_size=12).map(b"".join)
 
 
 @needs_compiled

@@ -1,21 +1,18 @@
 """query_timeout, transaction_timeout, and a frozen network noticed by tcp_user_timeout and
-keepalive. The network is frozen for real: iptables drops every packet of one forwarder's port, so
-nothing is acknowledged (a paused process would still have its kernel acknowledge the bytes)."""
+keepalive (tests/netfaults.py: iptables drops every packet of one forwarder's port)."""
 
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from helpers import PoolerLauncher, pool_config, wait_until
+from netfaults import Forwarder
 
-from pgdoorman.devcluster import Cluster, free_port
+from pgdoorman.devcluster import Cluster
 
 
 def test_query_timeout_ends_the_client_and_its_query(pg: Cluster, start_pooler: PoolerLauncher) -> None:
@@ -46,61 +43,14 @@ def test_transaction_timeout(start_pooler: PoolerLauncher) -> None:
 
 # --- a frozen network between the pooler and PostgreSQL ---
 
-class Forwarder:
-    """Plain TCP forwarding from a port of its own to PostgreSQL, in threads."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port("127.0.0.1")
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _iptables(action: str, port: int) -> None:
-    for direction in ("--dport", "--sport"):
-        rule = ["INPUT", "-i", "lo", "-p", "tcp", direction, str(port), "-j", "DROP"]
-        subprocess.run(["iptables", action, *rule], check=True, capture_output=True)
-
-
 @pytest.fixture
 def forwarder(pg: Cluster) -> Iterator[Forwarder]:
     if shutil.which("iptables") is None:
         pytest.fail("iptables is needed (scripts/test.sh installs it)")
     fwd = Forwarder((pg.host, pg.port))
-    frozen: list[int] = []
-    fwd.freeze = lambda: (_iptables("-I", fwd.port), frozen.append(fwd.port))  # type: ignore[attr-defined]
     try:
         yield fwd
     finally:
-        for port in frozen:
-            _iptables("-D", port)
         fwd.close()
 
 
@@ -110,7 +60,7 @@ def test_tcp_user_timeout_notices_a_frozen_network(start_pooler: PoolerLauncher,
                      {"workers": 1, "tcp_user_timeout": "1s"})
     conn = psycopg.connect(p.dsn("tx", "trust_user"), autocommit=True)
     assert conn.execute("SELECT 1").fetchone() == (1,)
-    forwarder.freeze()  # type: ignore[attr-defined]
+    forwarder.freeze()
     t0 = time.monotonic()
     with pytest.raises(psycopg.OperationalError, match="server connection lost|terminating connection"):
         conn.execute("SELECT 2")  # unacknowledged: the kernel gives up after tcp_user_timeout
@@ -126,7 +76,7 @@ def test_keepalive_notices_a_frozen_idle_server(start_pooler: PoolerLauncher, fo
                       "server_check_delay": 0})
     with psycopg.connect(p.dsn("tx", "trust_user"), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    forwarder.freeze()  # type: ignore[attr-defined]
+    forwarder.freeze()
     t0 = time.monotonic()
     assert wait_until(lambda: "closing because: server connection lost" in p.log(), timeout=20)
     print(f"frozen idle server noticed by keepalive (1s + 2 x 1s) after {time.monotonic() - t0:.1f} s")

@@ -114,6 +114,14 @@ static int consume(PyObject *pending, Py_ssize_t count)
 
 static PyObject *popleft_name; /* "popleft", interned at import */
 
+/* Backend messages that may arrive after login (scan.py _REPLY_KINDS); any other kind is the
+ * pooler's to judge. */
+static const unsigned char reply_kind[256] = {
+    ['S'] = 1, ['Z'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['I'] = 1, ['N'] = 1, ['A'] = 1, ['T'] = 1,
+    ['n'] = 1, ['t'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['s'] = 1, ['G'] = 1, ['H'] = 1, ['W'] = 1,
+    ['d'] = 1, ['c'] = 1, ['V'] = 1,
+};
+
 static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if ((nargs != 3 && nargs != 5) || !PyByteArray_Check(args[2])) {
@@ -140,11 +148,16 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     while (pos + 5 <= n) {
         unsigned char kind = data[pos];
-        Py_ssize_t end = pos + 1 + (Py_ssize_t)be32(data + pos + 1);
+        Py_ssize_t length = (Py_ssize_t)be32(data + pos + 1);
+        if (length < 4 || length > 0x7FFFFFFF) {
+            result = BAD_LENGTH;
+            break;
+        }
+        Py_ssize_t end = pos + 1 + length;
         /* the pooler reads the rows of its own HIDDEN_ROWS queries, whole */
         int rows_hidden = kind == 'D' && head < npending && kinds[head] == HIDDEN_ROWS;
         if (end > n) {
-            if ((kind == 'D' && !rows_hidden) || kind == 'd' || kind == 'V') {
+            if (head < npending && ((kind == 'D' && !rows_hidden) || kind == 'd' || kind == 'V')) {
                 skip = (long)(end - n);
                 pos = n;
                 result = STREAM;
@@ -152,7 +165,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             break;
         }
         if (kind == 'D') {
-            if (rows_hidden) {
+            if (rows_hidden || head >= npending) { /* rows nobody asked for: the pooler judges */
                 result = SPECIAL;
                 break;
             }
@@ -179,7 +192,7 @@ static PyObject *scan_replies(PyObject *self, PyObject *const *args, Py_ssize_t 
             continue;
         }
         if (head >= npending || kind == 'S' || kind == 'E' || kind == 'G' || kinds[head] > CLOSE ||
-            (end == pos + 5 && (kind == 'Z' || kind == 'C'))) {
+            !reply_kind[kind] || (end == pos + 5 && (kind == 'Z' || kind == 'C'))) {
             result = SPECIAL;
             break;
         }

@@ -92,6 +92,12 @@ def changes_settings(text: bytes) -> bool:
 _SESSION_TAGS = frozenset((b"SET\0", b"RESET\0", b"LISTEN\0", b"PREPARE\0", b"LOAD\0"))
 
 
+# Backend messages that may arrive after login; any other kind (or an impossible length) is the
+# pooler's to judge: it closes that server.
+REPLY_KINDS = frozenset(b"SZCDEINAT" b"nt123sGHWdcV")
+MAX_REPLY_LENGTH = 0x7FFFFFFF  # the length field is a signed int32 in PostgreSQL
+
+
 def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs: deque[Any] | None = None,
                     names: deque[bytes] | None = None) -> tuple[int, int, int, int]:
     """Walk server messages from pos, consuming pending. Returns (pos, result, skip, last_z) where
@@ -103,14 +109,17 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
     last_z = -1
     while pos + 5 <= n:
         kind = data[pos]
-        end = pos + 1 + _unpack_len(data, pos + 1)[0]
+        length = _unpack_len(data, pos + 1)[0]
+        if length < 4 or length > MAX_REPLY_LENGTH:
+            return pos, BAD_LENGTH, 0, last_z
+        end = pos + 1 + length
         if end > n:
             # DataRow, CopyData, FunctionCallResponse: relayed as they arrive, whatever their size
-            if kind == 100 or kind == 86 or (kind == 68 and not (pending and pending[0] == HIDDEN_ROWS)):
+            if pending and (kind == 100 or kind == 86 or (kind == 68 and pending[0] != HIDDEN_ROWS)):
                 return n, STREAM, end - n, last_z
             return pos, DONE, 0, last_z
         if kind == 68:
-            if pending and pending[0] == HIDDEN_ROWS:
+            if not pending or pending[0] == HIDDEN_ROWS:
                 return pos, SPECIAL, 0, last_z  # the pooler reads its own query's rows
             pos = end
             continue
@@ -123,7 +132,8 @@ def py_scan_replies(data: bytes | bytearray, pos: int, pending: bytearray, refs:
             if pending and pending[0] >= SYNTH_FIRST:
                 return pos, SYNTH_DUE, 0, last_z
             continue
-        if not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE:
+        if (not pending or kind == 83 or kind == 69 or kind == 71 or pending[0] > CLOSE
+                or kind not in REPLY_KINDS):
             return pos, SPECIAL, 0, last_z  # ParameterStatus, errors, CopyInResponse, pooler's own
         if end == pos + 5 and (kind == 90 or kind == 67):
             return pos, SPECIAL, 0, last_z  # no status/tag: malformed, the pooler judges

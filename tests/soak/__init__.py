@@ -1,0 +1,1 @@
+"""Soak test (issue 12, "Faults, with nothing lost"): validating clients under injected faults."""
