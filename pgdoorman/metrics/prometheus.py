@@ -196,6 +196,18 @@ class SnapshotCollector(Collector):
             rss.add_metric([str(s["worker"]), str(s["pid"])], s["rss"])
         yield cpu
         yield rss
+        # max_memory_usage (limits.MemoryBudget), per worker: bytes held for messages in flight
+        memory = [(s, s.get("memory", (0, 0, 0, 0))) for s in snapshots]
+        for name, doc, at in (
+                ("pgdoorman_memory_in_flight_bytes", "Bytes held for messages in flight", 0),
+                ("pgdoorman_memory_in_flight_peak_bytes", "Peak of the bytes held for messages in flight", 1),
+                ("pgdoorman_memory_limit_bytes", "This worker's share of max_memory_usage (0: none)", 2)):
+            yield _gauge(name, doc, [([str(s["worker"])], m[at]) for s, m in memory], ["worker"])
+        refused = CounterMetricFamily("pgdoorman_memory_refused_clients",
+                                      "Clients ended with 53200 by max_memory_usage", labels=["worker"])
+        for s, m in memory:
+            refused.add_metric([str(s["worker"])], m[3])
+        yield refused
 
 
 _DB_INDEX = {name: i for i, (name, _oid) in enumerate(columns.DATABASES)}
