@@ -252,7 +252,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             try:
                 self._login_input()
             except m.ProtocolError as exc:
-                self.fatal(codes.PROTOCOL_VIOLATION, str(exc))
+                self.fatal(exc.code, str(exc))
 
     def eof_received(self) -> bool | None:
         """The client shut down its side (often right after a Terminate): PostgreSQL would still
@@ -569,10 +569,10 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if reply:
             self.transport.write(reply)
         if done:
-            scram, self._exchange = self._exchange.scram, None
+            keys, self._exchange = self._exchange.scram_keys, None
             pool = self.pool
-            if scram is not None and pool is not None and pool.passthrough is not None:
-                pool.scram_keys = (scram.client_key, scram.server_key)  # for its server logins
+            if keys is not None and pool is not None and pool.passthrough is not None:
+                pool.scram_keys = keys  # for its server logins
             self._auth_ok()
 
     def _auth_failed(self, message: str) -> None:
@@ -1359,7 +1359,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
 
     def movable(self) -> bool:
         """Waiting for a server between transactions, with nothing half-read or half-written."""
+        pool = self.pool
         return (self.waiting and self.state == ACTIVE and self.server is None and self.mode != SESSION
+                and pool is not None and pool.passthrough is None  # (its ClientKey is this worker's)
                 and not self._terminating and not self.channels  # (its subscription stays here)
                 and self._held is not None and not self._partial and not self._skip and not self._paused
                 and self._verify_hold is None and not self._drop and self.tls is None  # (its TLS session)

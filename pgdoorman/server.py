@@ -344,6 +344,10 @@ class ServerConn(ServerState, asyncio.Protocol):
             hashed = password if pool.server_password_is_md5 else md5_hash(password, pool.server_user)
             self.transport.write(m.password_message(m.cstr(md5_salted_response(hashed, data[:4]))))
         elif code == codes.AUTH_SASL:
+            if self.pool.server_password_is_md5:
+                raise ServerError(f'the server asks user "{self.pool.server_user}" for SCRAM, but the pooler '
+                                  "holds only an md5 hash of its password (give the plain text, or md5 on "
+                                  "the server)", codes.INVALID_PASSWORD)
             offered = [name.decode("ascii", "replace") for name in data.split(b"\0") if name]
             mechanism = ScramClient.choose_mechanism(offered, self._cbind,
                                                      self.pool.tls.channel_binding == "require")
@@ -365,7 +369,8 @@ class ServerConn(ServerState, asyncio.Protocol):
         if code == codes.AUTH_SASL:
             if pool.scram_keys is None:
                 raise ServerError(f'SCRAM pass-through for user "{pool.server_user}": no client has '
-                                  "logged in yet", codes.INVALID_PASSWORD)
+                                  "logged in with its password yet (a trust or cert login gives no key)",
+                                  codes.INVALID_PASSWORD)
             offered = [name.decode("ascii", "replace") for name in data.split(b"\0") if name]
             mechanism = ScramClient.choose_mechanism(offered, self._cbind,
                                                      pool.tls.channel_binding == "require")

@@ -543,3 +543,12 @@ def test_md5_prefixed_plain_password_is_plain_text() -> None:
     # PostgreSQL treats only "md5" + 32 hex digits as a hash; "md5pass" is an ordinary password.
     cfg = parse_config('[pools.a.users.0]\nusername = "u"\npassword = "md5pass"\n', "f.toml")
     assert cfg.pools["a"].users["u"].password == "md5pass"
+
+
+def test_hash_cannot_log_in_as_another_role() -> None:
+    text = ('[pools.a.users.0]\nusername = "u"\npassword = "md5' + "0" * 32 + '"\n'
+            'server_username = "owner"\n')
+    assert error(text) == ("f.toml:4: pools.a.users.0.server_username: logging in as 'owner' needs "
+                           "server_password: the password of 'u' is a hash, which only logs in as itself")
+    user = parse_config(text + 'server_password = "pw"\n', "f.toml").pools["a"].users["u"]
+    assert user.server_password == "pw"

@@ -59,3 +59,20 @@ def test_md5_server_cannot_take_a_verifier(pg: Cluster, start_pooler: PoolerLaun
     p = start_pooler(_pools(pg, scram_secret(PASSWORDS["md5_user"]), user="md5_user"))
     with pytest.raises(psycopg.OperationalError, match="holds only a SCRAM verifier"):
         psycopg.connect(p.dsn("tx", "md5_user"))
+
+
+def test_clear_text_login_gives_the_key_too(pg: Cluster, start_pooler: PoolerLauncher) -> None:
+    """hba `password`: the client sends its password in clear text (over TLS, in production); the
+    pooler derives the ClientKey from it with the verifier's salt, and pass-through works."""
+    p = start_pooler(_pools(pg, _verifier(pg, "scram_user")),
+                     {"hba": "host all all 127.0.0.1/32 password\nlocal all all trust\n"})
+    with psycopg.connect(p.dsn("tx", "scram_user"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("scram_user",)
+    with pytest.raises(psycopg.OperationalError, match='password authentication failed'):
+        psycopg.connect(p.dsn("tx", "scram_user", "wrong"))
+
+
+def test_trust_login_cannot_pass_through(pg: Cluster, start_pooler: PoolerLauncher) -> None:
+    p = start_pooler(_pools(pg, _verifier(pg, "scram_user")), {"hba": "host all all 127.0.0.1/32 trust\n"})
+    with pytest.raises(psycopg.OperationalError, match="a trust or cert login gives no key"):
+        psycopg.connect(p.dsn("tx", "scram_user", ""))

@@ -129,6 +129,12 @@ def _client_server_keys(prepped: bytes, salt: bytes, iterations: int) -> tuple[b
     return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
 
 
+def client_server_keys(password: str, verifier: ScramVerifier) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey) of a password under a verifier's salt and iterations: what a client
+    that sent its password in clear text (hba `password`) gives SCRAM pass-through."""
+    return _client_server_keys(saslprep(password), verifier.salt, verifier.iterations)
+
+
 def _make_verifier(password: str, salt: bytes, iterations: int) -> ScramVerifier:
     if not salt:
         raise ValueError("SCRAM salt must not be empty")

@@ -205,6 +205,11 @@ def _user(users: _Table, key: str, pool_mode: str, seen: dict[str, str]) -> User
         server_password = u.string("server_password")
         if (problem := _password_problem(server_password, server=True)) is not None:
             raise u.error("server_password", problem)
+    elif server_username != username and (_MD5.fullmatch(password) or password.startswith("SCRAM-SHA-256$")):
+        # an md5 hash is salted with its own user name, and pass-through proves the client's own
+        # role: neither can log in as another role
+        raise u.error("server_username", f"logging in as {server_username!r} needs server_password: the "
+                                         f"password of {username!r} is a hash, which only logs in as itself")
     return UserConfig(
         username=username,
         password=_md5_lower(password),

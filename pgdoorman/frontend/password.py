@@ -22,6 +22,7 @@ from pgdoorman.auth import (
     server_mechanisms,
 )
 from pgdoorman.auth.md5 import password_bytes
+from pgdoorman.auth.scram import client_server_keys
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
@@ -39,7 +40,7 @@ class PasswordExchange:
     tls-server-end-point when the client is on TLS (SCRAM-SHA-256-PLUS is then offered first)."""
 
     __slots__ = ("_kind", "_salt", "_scram", "_secret", "_method", "_key", "_user", "_cbind", "_jwt",
-                 "_mechanisms")
+                 "_mechanisms", "_keys")
 
     def __init__(self, secret: StoredSecret, method: str, key: bytes, user: str, *,
                  cbind: bytes | None = None, jwt: Callable[[str], None] | None = None) -> None:
@@ -53,11 +54,20 @@ class PasswordExchange:
         self._salt = b""
         self._scram: ScramServer | None = None
         self._mechanisms: list[str] = []
+        self._keys: tuple[bytes, bytes] | None = None  # from a clear-text password (see scram_keys)
 
     @property
-    def scram(self) -> ScramServer | None:
-        """The SCRAM exchange, once done: its ClientKey is what SCRAM pass-through logs in with."""
-        return self._scram
+    def scram_keys(self) -> tuple[bytes, bytes] | None:
+        """(ClientKey, ServerKey) once done, what SCRAM pass-through logs in with: recovered from
+        the client's SCRAM proof, or derived from its clear-text password; None after trust, md5..."""
+        if self._keys is not None:
+            return self._keys
+        if self._scram is not None and self._secret.kind == "scram":
+            try:
+                return self._scram.client_key, self._scram.server_key
+            except RuntimeError:
+                return None
+        return None
 
     def start(self) -> bytes | None:
         method = self._method
@@ -98,6 +108,8 @@ class PasswordExchange:
                 self._jwt(text)
             elif not cleartext_matches(self._secret, text, self._user):
                 raise AuthFailed("password mismatch")
+            elif self._secret.kind == "scram" and self._secret.scram is not None:
+                self._keys = client_server_keys(text, self._secret.scram)
             return b"", True
         if self._kind == "scram" and self._scram is not None:
             # SASLInitialResponse: mechanism, length, client-first-message

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import struct
 
+from pgdoorman.protocol import codes
+
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!cI")
 
 
 class ProtocolError(Exception):
-    """A message that does not follow the protocol; the peer gets 08P01 and is closed."""
+    """A message that does not follow the protocol; the peer gets `code` (08P01 unless another
+    SQLSTATE says more) and is closed."""
+
+    def __init__(self, message: str, code: str = codes.PROTOCOL_VIOLATION) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def message(kind: bytes, body: bytes = b"") -> bytes:
@@ -115,23 +122,51 @@ def read_cstr(buf: bytes | memoryview, pos: int) -> tuple[bytes, int]:
     return bytes(buf[pos:end]), end + 1
 
 
+_BAD_LAYOUT = "invalid startup packet layout: expected terminator as last byte"
+
+
 def parse_startup_params(body: bytes) -> dict[str, str]:
-    """Key/value pairs of a StartupMessage body (after the protocol version)."""
-    params: dict[str, str] = {}
+    """Key/value pairs of a StartupMessage body (after the protocol version).
+
+    Stricter than PostgreSQL in two ways, both because the pooler itself keys pools, logs and
+    replays settings by these strings: bytes that are not UTF-8 get 22021 (PostgreSQL would take
+    them as they are), and a user or database name longer than a PostgreSQL name can be gets
+    08P01 (PostgreSQL would cut it silently, and the cut name could be another role's)."""
+    pairs: list[tuple[bytes, bytes]] = []
     pos = 0
-    while True:
-        if pos >= len(body):
-            raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
-        if body[pos] == 0:
-            if pos != len(body) - 1:
-                raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
-            return params
-        key, pos = read_cstr(body, pos)
-        value, pos = read_cstr(body, pos)
-        try:
-            params[key.decode()] = value.decode()
-        except UnicodeDecodeError:
-            raise ProtocolError("invalid startup packet: parameters are not UTF-8") from None
+    while pos < len(body) and body[pos] != 0:
+        key_end = body.find(b"\0", pos)
+        value_end = body.find(b"\0", key_end + 1) if key_end >= 0 else -1
+        if value_end < 0:  # PostgreSQL says the same of a missing value or NUL
+            raise ProtocolError(_BAD_LAYOUT)
+        pairs.append((body[pos:key_end], body[key_end + 1 : value_end]))
+        pos = value_end + 1
+    if pos != len(body) - 1:  # the layout first, as PostgreSQL judges it, then the encoding
+        raise ProtocolError(_BAD_LAYOUT)
+    params = {_utf8(key): _utf8(value) for key, value in pairs}
+    for name in ("user", "database"):
+        size = len(params.get(name, "").encode())
+        if size >= codes.NAMEDATALEN:
+            raise ProtocolError(f"invalid startup packet: {name} name is {size} bytes long, "
+                                f"longer than the limit of {codes.NAMEDATALEN - 1} bytes")
+    return params
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(invalid_encoding_message(raw, exc.start),
+                            codes.CHARACTER_NOT_IN_REPERTOIRE) from None
+
+
+def invalid_encoding_message(raw: bytes, at: int) -> str:
+    """PostgreSQL's report_invalid_encoding text: the bytes of the character that starts at `at`,
+    as many as its first byte announces (pg_utf_mblen), no more than are left."""
+    lead = raw[at]
+    length = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
+    shown = " ".join(f"0x{b:02x}" for b in raw[at : at + length])
+    return f'invalid byte sequence for encoding "UTF8": {shown}'
 
 
 def parse_error_fields(body: bytes) -> dict[str, str]:
