@@ -224,20 +224,6 @@ class Pool:
 
     def release(self, server: ServerConn) -> None:
         """Take a server back; it is lent again only if idle with nothing owed."""
-        if self._releasing:
-            server.client = None
-            self._released_later.append(server)
-            return
-        self._releasing = True
-        try:
-            self._release(server)
-            later = self._released_later
-            while later:
-                self._release(later.popleft())
-        finally:
-            self._releasing = False
-
-    def _release(self, server: ServerConn) -> None:
         server.client = None
         if server.closed:
             return
@@ -252,6 +238,36 @@ class Pool:
         if lifetime and server.last_used - server.created > lifetime:  # last_used: just now
             server.close("server lifetime reached")
             return
+        if not self.waiters or self.paused:
+            self.idle.append(server)
+            return
+        if self._releasing:
+            # Re-entered from a waiter's assign() (a login hands its server straight back): the
+            # outer call lends it next, so a storm of waiting logins is a loop, not a recursion.
+            self._released_later.append(server)
+            return
+        self._releasing = True
+        try:
+            while self.waiters and not self.paused:  # _lend(server), inlined: once per transaction
+                client = self.waiters.popleft()
+                if client.waiting:
+                    client.waiting = False
+                    self.served += 1
+                    waited = server.last_used - client.wait_since  # last_used: just now
+                    self.waited += waited
+                    self.stats.waited(waited)
+                    client.assign(server)
+                    break
+            else:
+                self.idle.append(server)
+            later = self._released_later
+            while later:
+                self._lend(later.popleft())
+        finally:
+            self._releasing = False
+
+    def _lend(self, server: ServerConn) -> None:
+        """A checked server to the first client still waiting, else to the idle list."""
         while self.waiters and not self.paused:
             client = self.waiters.popleft()
             if client.waiting:
