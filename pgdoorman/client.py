@@ -96,7 +96,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
     # Slots: thousands of mostly idle clients, and attribute reads on every message.
     __slots__ = (
         "_asked", "_exchange", "_buf", "_drop", "_heard_here", "_held", "_max_message", "_moved", "_need",
-        "_partial", "_stream_size", "_charged", "_charged_out", "_charged_srv",
+        "_partial", "_stream_size", "_charged", "_charged_out", "_charged_srv", "_final_error",
         "_paused", "_rerouted", "_reset_always", "_rewrite", "_skip",
         "_custom", "_initial", "_names", "_notes", "_pin_policy", "_pinned", "_startup",
         "_statement_mode",
@@ -159,6 +159,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._stream_size = app.config.general.message_size_to_be_stream
         # What it holds for messages in flight, charged to the worker's max_memory_usage share
         # (limits.MemoryBudget): buffered input, and output waiting for a slow peer.
+        self._final_error: tuple[str, str] | None = None  # sent after the replies it is owed (_terminated)
         self._charged = 0
         self._charged_out = 0  # its socket's write buffer (a slow client)
         self._charged_srv = 0  # its server's: requests waiting for a slow server, or a reply read whole
@@ -805,7 +806,12 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     if not self._skip and not server.pending:
                         self._message_done(server)
                     return
+                # Its end goes now: whatever happens to the messages after it (a malformed one
+                # ends the client), the server is never left with half a message.
                 self._skip = 0
+                transport.write(data[:pos])
+                data = data[pos:]
+                n, pos = len(data), 0
             begin(server.times)  # a request begins, unless one is open (metrics/account.py)
             pending = server.pending
             start = len(pending)
@@ -841,7 +847,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     break
                 if result == SPECIAL:
                     end = pos + 1 + _unpack_len(data, pos + 1)[0]
-                    if data[pos] == 88:  # Terminate: what came before it still goes to the server
+                    if data[pos] == 88 or data[pos] not in _SPECIAL_KINDS:
+                        # Terminate, or a type no frontend sends: what came before it still goes to
+                        # the server and is answered, then the client goes (with PostgreSQL's
+                        # FATAL for the bad type, as PostgreSQL sends it after those replies)
+                        if data[pos] != 88:
+                            self._final_error = (codes.PROTOCOL_VIOLATION,
+                                                 f"invalid frontend message type {data[pos]}")
                         if out is None:
                             out = bytearray()
                         out += data[copied:pos]
@@ -881,9 +893,16 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                         break
                     self._dropping = False
                     continue
-                # BAD_LENGTH
+                # BAD_LENGTH: what came before it is answered first, as PostgreSQL does
                 length = _unpack_len(data, pos + 1)[0]
-                self.fatal(codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
+                self._final_error = (codes.PROTOCOL_VIOLATION, f"invalid message length {length}")
+                if out is None:
+                    out = bytearray()
+                out += data[copied:pos]
+                if out and not server.closed:
+                    transport.write(out)
+                server.requests_sent(start)
+                self._terminate(server)
                 return
             if pos < n:
                 self._partial = data[pos:]  # an incomplete message to read whole
@@ -908,6 +927,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             if not pending and not self._skip:
                 self._message_done(server)
         except (ValueError, IndexError):
+            server.doubt = server.doubt or "a malformed client message was being relayed"
             self.fatal(codes.PROTOCOL_VIOLATION, "malformed message from client")
 
     def _message_done(self, server: ServerConn) -> None:
@@ -966,6 +986,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.fatal(codes.PROTOCOL_VIOLATION, f"invalid frontend message type {kind}")
         return None
 
+    def _terminated(self) -> None:
+        """Everything before the client's Terminate (or bad message) is answered: it goes."""
+        if self._final_error is not None:
+            self.fatal(*self._final_error)
+        else:
+            self.close("client close request")
+
     def _terminate(self, server: ServerConn) -> None:
         """Terminate, after requests the server has not answered yet: PostgreSQL would answer them
         and then close, so the client gets those replies first."""
@@ -974,7 +1001,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 server.unsynced or server.copy_in))):
             # Nothing to wait for (a backend skipping until Sync ignores Terminate too), or a
             # message half written that will never be finished: the server goes with the client.
-            self.close("client close request")
+            self._terminated()
             return
         if not self.transport.is_closing():
             self.transport.pause_reading()  # nothing after Terminate counts
@@ -1012,7 +1039,7 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if self._notes is not None:  # notifications that came during the reply, right after it
             self._deliver_notes()
         if self._terminating:  # everything before the client's Terminate is answered
-            self.close("client close request")
+            self._terminated()
             return
         if self.mode == SESSION:
             return
@@ -1219,13 +1246,16 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         if terminating == _INTO_COPY or copy_in and terminating == _FORWARDED:
             self._terminating = _INTO_COPY  # the server reads the Terminate inside COPY
         elif terminating:
-            self.close("client close request")
+            self._terminated()
 
     def on_server_lost(self, server: ServerConn, reason: str) -> None:
         if self.server is server:
             self.server = None
             if self._terminating:  # the server ended after answering, as this client asked
-                self.close("client close request")
+                if server.said_fatal:  # (its own FATAL is the client's last word, not ours)
+                    self.close("client close request, and the server ended with its FATAL error")
+                else:
+                    self._terminated()
                 return
             if server.said_fatal:  # the client has the server's own FATAL error already
                 self.close(f"server connection lost after its FATAL error: {reason}")
@@ -1450,6 +1480,7 @@ _NO_REPLY_KINDS = frozenset(b"dcfH")
 # First bytes of a request _need_server looks at: Terminate, _NO_REPLY_KINDS, Parse.
 _LOOK_FIRST = bytes(1 if kind in _NO_REPLY_KINDS or kind in b"XP" else 0 for kind in range(256))
 _RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
+_SPECIAL_KINDS = frozenset(b"BPDQC")  # the requests _special_request judges (with Terminate, all valid)
 
 
 def _whole_no_reply_prefix(data: bytes | bytearray) -> int:
