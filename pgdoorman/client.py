@@ -978,7 +978,12 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             return self._own_query(data, pos, end, server)
         if kind == 67:  # Close of a named statement
             if named:
-                self._closing(bytes(data[pos + 6 : end - 1]), server)
+                name = bytes(data[pos + 6 : end - 1])
+                if server.skipping and not server.pending:
+                    return b""  # PostgreSQL skips it (an error before, no Sync yet): it stays
+                closed = self._closing(name, server)
+                if server.pending:  # answered in order, or skipped (then: on_close_skipped)
+                    server.synth_closes.append((closed, name))
                 self._synthetic(server, SYNTH_CLOSE)
                 return b""
             server.pending.append(CLOSE)

@@ -126,6 +126,7 @@ class ClientLink(Protocol):
     def on_query_skipped(self) -> None: ...
     def on_unnamed_parses_skipped(self, count: int) -> None: ...
     def held_by_server(self, size: int) -> bool: ...
+    def on_close_skipped(self, stmt: Statement | None, name: bytes) -> None: ...
 
 
 class ServerError(Exception):
@@ -597,6 +598,9 @@ class ServerConn(ServerState, asyncio.Protocol):
             del pending[0]
             if kind == SYNTH_QUERY:
                 extra += self._synthetic_query(self.synth_replies.popleft())
+            elif kind == SYNTH_CLOSE:
+                self.synth_closes.popleft()  # answered: the Close happened
+                extra += SYNTH_REPLY[kind]
             elif kind != COPY_END:  # a CopyDone/CopyFail marker: owed nothing
                 extra += SYNTH_REPLY[kind]
         return extra
@@ -763,6 +767,8 @@ class ServerConn(ServerState, asyncio.Protocol):
             self.statements.discard(ref)
         elif kind == HIDDEN_DESCRIBE and self.client is not None:
             self.client.on_verified(True)
+        elif kind == SYNTH_CLOSE and self.client is not None:
+            self.client.on_close_skipped(*ref)
 
     # --- used by the client and the pool ---
 

@@ -44,5 +44,8 @@ class StandIn:
     def on_unnamed_parses_skipped(self, count: int) -> None:
         pass
 
+    def on_close_skipped(self, stmt: object, name: bytes) -> None:
+        pass
+
     def held_by_server(self, size: int) -> bool:
         return True  # the pooler's own traffic is not a client's to pay for

@@ -119,13 +119,20 @@ class StatementMapping:
         self.transport.write(m.parse_complete() * len(found) + m.ready_for_query(b"I"))
         return True
 
-    def _closing(self, name: bytes, server: ServerConn) -> None:
-        """The client closes (Close or SQL DEALLOCATE) its statement name."""
+    def _closing(self, name: bytes, server: ServerConn) -> Statement | None:
+        """The client closes (Close or SQL DEALLOCATE) its statement name; returns what it named."""
         closed = self.stmts.pop(name, None)
         if closed is not None and server.pending:  # errors owed before it still name it
             self._closed[closed] = name
             if len(self._closed) > _CLOSED_KEEP:
                 del self._closed[next(iter(self._closed))]
+        return closed
+
+    def on_close_skipped(self, stmt: Statement | None, name: bytes) -> None:
+        """Its Close was skipped by the server after an error: the statement is still its own."""
+        if stmt is not None and name not in self.stmts:
+            self.stmts[name] = stmt
+            self._closed.pop(stmt, None)
 
     def _note_unnamed(self, data: bytes | bytearray, start: int, end: int) -> None:
         """data[start:end] holds this client's latest unnamed Parse (or a Query after it). Kept by

@@ -28,6 +28,7 @@ from pgdoorman.protocol.scan import (
     PARSE_NAMED,
     QUERY,
     SYNC,
+    SYNTH_CLOSE,
     SYNTH_QUERY,
 )
 
@@ -40,7 +41,7 @@ class ServerState:
     """Mixed into ServerConn: the protocol state of one server connection."""
 
     __slots__ = ("copy_in", "doubt", "client_names", "pending", "raised", "refs", "skipping", "status",
-                 "synth_replies", "unnamed_owner", "unsynced")
+                 "synth_replies", "synth_closes", "unnamed_owner", "unsynced")
 
     def init_state(self) -> None:
         self.pending = bytearray()
@@ -61,6 +62,9 @@ class ServerState:
         self.unnamed_owner: object | None = None
         # The replies of the pooler's own that SYNTH_QUERY entries stand for, in order.
         self.synth_replies: deque[bytes] = deque()
+        # What each SYNTH_CLOSE in pending closed: (statement, the client's name). Skipped after an
+        # error, the Close never happened, and the client keeps the statement, as PostgreSQL does.
+        self.synth_closes: deque[tuple[Any, bytes]] = deque()
         # ServerConn.raise_error: the ErrorResponse to show for each raise (None: the server's),
         # one per HIDDEN_EXECUTE in pending.
         self.raised: deque[bytes | None] = deque()
@@ -187,6 +191,8 @@ class ServerState:
                 self.client_names.popleft()
         elif kind == SYNTH_QUERY:
             self.synth_replies.popleft()
+        elif kind == SYNTH_CLOSE:
+            ref = self.synth_closes.popleft()
         elif kind == HIDDEN_EXECUTE:
             self.raised.popleft()
         elif kind == PARSE:

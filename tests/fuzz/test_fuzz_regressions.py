@@ -315,6 +315,26 @@ ISSUE_CASES = [
     # case 7: a large Bind in many reads
     pytest.param([Step((Parse('SELECT length($1)'), Bind((Pad(300000),)), Execute(), Sync()),
                        cuts=(3, 70000, 200000))], BOTH, id="case7-large-bind-split"),
+    # Session 10: a Close skipped after an error keeps the statement (PostgreSQL: a Parse of its
+    # name again is 42P05), but with the next Parse arriving over two reads the pooler forgot that.
+    pytest.param([
+        Step((Parse('SELECT 1 / $1::int', name='s1'), Bind(params=('0',), stmt='s1'), Execute(),
+              Close(name='s1'), Sync())),
+        Step((Query('SELECT 1'),)),
+        Step((Parse('SELECT length($1)', name='s1'), Bind(params=(Pad(100000),), stmt='s1'), Execute(),
+              Sync()), cuts=(1,)),
+    ], TX, id="skipped-close-then-split-parse"),
+    pytest.param([
+        Step((Parse('SELECT 1 / $1::int', name='s1'), Bind(params=('0',), stmt='s1'), Execute(),
+              Close(name='s1'), Sync())),
+        Step((Parse('SELECT 2', name='s1'), Sync())),
+    ], TX, id="skipped-close-then-parse"),
+    pytest.param([
+        Step((Parse('SELECT 1 / $1::int', name='s1'), Bind(params=('0',), stmt='s1'), Execute(),
+              Close(name='s1'), Sync())),
+        Step((Query('SELECT 1'),)),
+        Step((Parse('SELECT 2', name='s1'), Sync())),
+    ], TX, id="skipped-close-query-then-parse"),
 ]
 
 
