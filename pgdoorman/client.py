@@ -706,8 +706,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                     held = self._held = held[skipped:]
                     first = held[0]
             # A named Parse of a statement this client has is answered without a server.
-            if (first == 80 and not self._partial and len(held) > 5 and held[5] != 0 and self._rewrite
-                    and self._prepare_locally(held)):
+            if (first == 80 and not self._partial and len(held) > 5 and self._rewrite
+                    and _whole_and_well_formed(held) and held[5] != 0 and self._prepare_locally(held)):
                 self._held = None
                 return
         server = pool.acquire(self, waiting_since)
@@ -943,6 +943,13 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         when the client has been closed."""
         kind = data[pos]
         named = self._rewrite
+        malformed = _MALFORMED_KIND.get(kind)
+        if malformed is not None and not _well_formed(data, pos, end):
+            # Passed on as it is: PostgreSQL refuses it with its own ERROR (and skips to Sync), as
+            # on a connection of its own. Read by the pooler, its strings could run into the next
+            # message, and the server would then frame the stream differently from the pooler.
+            server.pending.append(malformed)
+            return UNCHANGED
         if kind == 66:  # Bind to a named statement
             name_at = data.index(0, pos + 5, end) + 1
             if data[name_at] == 0:
@@ -1015,6 +1022,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             # was sent, ends at the Terminate, and its replies reach the client until it closes.
             assert server.transport is not None
             server.transport.write(m.TERMINATE)
+            # Never lent again, whatever the replies say: a COPY that fails before the server
+            # reads the Terminate ends normally, and the server then takes the Terminate as its end
+            server.doubt = "the client's Terminate was passed on to it"
             self._terminating = _INTO_COPY if server.copy_in else _FORWARDED
         # else: on_ready closes the client once the replies are in; the server is then reused.
 
@@ -1485,6 +1495,22 @@ _NO_REPLY_KINDS = frozenset(b"dcfH")
 # First bytes of a request _need_server looks at: Terminate, _NO_REPLY_KINDS, Parse.
 _LOOK_FIRST = bytes(1 if kind in _NO_REPLY_KINDS or kind in b"XP" else 0 for kind in range(256))
 _RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
+_MALFORMED_KIND = {66: BIND, 80: PARSE, 68: DESCRIBE, 67: CLOSE}
+
+
+def _whole_and_well_formed(held: bytes | bytearray) -> bool:
+    end = 1 + _unpack_len(held, 1)[0]
+    return len(held) >= end and _well_formed(held, 0, end)
+
+
+def _well_formed(data: bytes | bytearray, pos: int, end: int) -> bool:
+    """Whether the strings a Bind, Parse, Describe or Close starts with end inside the message:
+    two for Bind and Parse (names, or name and text), a type byte and a name for the others."""
+    kind, at = data[pos], pos + 5
+    if kind == 68 or kind == 67:
+        return end >= at + 2 and data[at] in b"SP" and data.find(0, at + 1, end) == end - 1
+    first = data.find(0, at, end)
+    return first >= 0 and data.find(0, first + 1, end) >= 0
 _SPECIAL_KINDS = frozenset(b"BPDQC")  # the requests _special_request judges (with Terminate, all valid)
 
 

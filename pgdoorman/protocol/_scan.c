@@ -373,8 +373,8 @@ static PyObject *scan_requests(PyObject *self, PyObject *const *args, Py_ssize_t
             add = SYNC;
             break;
         case 'P':
-            if (check_names &&
-                (data[pos + 5] != 0 || mentions_session_state(data + pos + 6, (size_t)(length - 5))))
+            if (check_names && (length < 6 || data[pos + 5] != 0 ||
+                                mentions_session_state(data + pos + 6, (size_t)(length - 5))))
                 result = SPECIAL;
             else if (check_names == NAMES_GUARDED)
                 check_names = NAMES_MAPPED; /* the unnamed statement is this client's from here on */

@@ -219,7 +219,8 @@ def _scan_requests(data: bytes | bytearray, pos: int, pending: bytearray, check_
                 return pos, SPECIAL, 0  # not a frontend message
             return n, STREAM, end - n
         if kind == 80:  # Parse
-            if check_names and (data[pos + 5] != 0 or mentions_session_state(data, pos + 6, end)):
+            if check_names and (length < 6 or data[pos + 5] != 0
+                                or mentions_session_state(data, pos + 6, end)):
                 return pos, SPECIAL, 0
             pending.append(PARSE)
             if check_names == NAMES_GUARDED:
