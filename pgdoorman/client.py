@@ -1356,14 +1356,24 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 self._skip or server.unsynced or server.copy_in or server.doubt):
             # The client said goodbye after its last requests, as it may: PostgreSQL would run
             # them, so the server finishes them (replies dropped), then is reset as usual.
-            server.on_idle = self._give_back
+            server.on_idle = self._give_back_drained
             asyncio.get_running_loop().call_later(DRAIN_TIMEOUT, _close_if_stuck, server)
             return
-        if server.pending or self._skip or server.unsynced or server.copy_in or server.doubt:
+        if (server.pending or self._skip or server.unsynced or server.skipping or server.copy_in
+                or server.doubt):
             # Something is in flight, half written, or inside an open batch: nothing the pooler
             # sends could make this server clean for sure (a Sync would commit the batch).
             server.close("client left while the server was not ready: "
                          + server.why_not_reusable(bool(self._skip)))
+            return
+        self._give_back(server)
+
+    def _give_back_drained(self, server: ServerConn) -> None:
+        """The requests of a client that said goodbye are answered: the server goes back only if
+        that left it clean (an error in an unsynced batch leaves it skipping until a Sync, where it
+        would ignore the reset, and everyone waiting for it would wait for nothing)."""
+        if server.pending or server.unsynced or server.skipping or server.copy_in or server.doubt:
+            server.close("after its client's last requests: " + server.why_not_reusable(False))
             return
         self._give_back(server)
 
