@@ -290,32 +290,37 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         held = self._held
         total = len(self._partial) + (len(held) if type(held) is bytearray else 0) + (
             len(self._verify_hold) if self._verify_hold is not None else 0)
-        if self.app.memory.change(total - self._charged):
-            self._charged = total
-            return True
-        self._out_of_memory(total - self._charged)
-        return False
+        if not self._charge(self._charged, total):
+            return False
+        self._charged = total
+        return True
 
     def output_waiting(self, size: int) -> bool:
         """What waits in its socket's write buffer for a slow client (over the high-water mark);
         0 once it drained."""
         if self.state == CLOSED:
             return True
-        if self.app.memory.change(size - self._charged_out):
-            self._charged_out = size
-            return True
-        self._out_of_memory(size - self._charged_out)
-        return False
+        if not self._charge(self._charged_out, size):
+            return False
+        self._charged_out = size
+        return True
 
     def held_by_server(self, size: int) -> bool:
         """What its server holds for it: its requests in the write buffer of a slow server, or an
         incomplete reply the pooler must read whole; 0 once that is gone."""
         if self.state == CLOSED:
             return True
-        if self.app.memory.change(size - self._charged_srv):
-            self._charged_srv = size
+        if not self._charge(self._charged_srv, size):
+            return False
+        self._charged_srv = size
+        return True
+
+    def _charge(self, held: int, size: int) -> bool:
+        """Change one of its charges from `held` to `size` bytes; False if that went over
+        max_memory_usage (the client is then ended with 53200)."""
+        if self.app.memory.change(size - held):
             return True
-        self._out_of_memory(size - self._charged_srv)
+        self._out_of_memory(size - held)
         return False
 
     def _out_of_memory(self, wanted: int) -> None:
