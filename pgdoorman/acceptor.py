@@ -20,8 +20,8 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from pgdoorman import channel, sdnotify
 from pgdoorman.admin import coordinate
+from pgdoorman.cancel import issued_by
 from pgdoorman.channel import Assembler, Load
 from pgdoorman.config import Config, ConfigError, pool_keys, pool_share
 from pgdoorman.fdlimit import OUT_OF_FDS, PAUSE, FdGuard
 from pgdoorman.limits import ClientCaps
 from pgdoorman.listen import listening_sockets
 from pgdoorman.logs import set_log_level
+from pgdoorman.process.pidfile import write_pidfile
+from pgdoorman.process.upgrade import Predecessor, Successor, UpgradeFailed, check_config, program_argv
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
@@ -73,8 +76,8 @@ class Worker:
     clients: int = 0  # handed over and not yet reported gone
     started: float = 0.0
     restart_at: float = 0.0
-    # channel was full: client hand-overs (with their socket) and control packets (None)
-    backlog: deque[tuple[bytes, socket.socket | None]] = field(default_factory=deque)
+    # channel was full: client hand-overs (with their sockets) and control packets (None)
+    backlog: deque[tuple[bytes, list[socket.socket] | None]] = field(default_factory=deque)
     parts: Assembler = field(default_factory=Assembler)
     # pool index -> (clients, waiters, oldest wait s, free servers, mean wait s), latest LOAD report
     loads: dict[int, Load] = field(default_factory=dict)
@@ -83,8 +86,13 @@ class Worker:
 
 
 class Acceptor:
-    def __init__(self, config: Config, workers: int, worker_argv: list[str]) -> None:
+    def __init__(self, config: Config, workers: int, worker_argv: list[str], generation: int = 0) -> None:
         self.config = config
+        self.generation = generation  # upgrades that led to this process (process/upgrade.py)
+        self._successor: Successor | None = None  # an upgrade under way (old side)
+        self.predecessor: Predecessor | None = None  # the old pooler handing over to this one
+        self._started: set[int] = set()  # workers that said STARTED
+        self.log_level: str | None = None  # the command line's --log-level, for the successor
         self.workers = [Worker(i) for i in range(workers)]
         self._worker_argv = worker_argv  # how to start one: argv without --worker / --channel-fd
         # (database, user) -> the workers that have servers for that pool; and by pool index
@@ -171,38 +179,47 @@ class Acceptor:
         target: Worker | None = None
         if cancel_key is not None:
             pid, key = cancel_key
-            target = self._moved_keys.get((pid, key)) or self.workers[key % len(self.workers)]
+            target = self._moved_keys.get((pid, key))
+            predecessor = self.predecessor
+            if (target is None and predecessor is not None and predecessor.alive
+                    and not issued_by(key, self.generation)):
+                # an older pooler's key, and its client has not moved here: it is still there
+                predecessor.forward_cancel(initial, sock.detach())
+                return
+            target = target or self.workers[key % len(self.workers)]
         else:
             capable = self._capable.get((database, user))
             if capable:
                 target = min(capable, key=lambda w: w.clients)
         self._send(target or source, channel.pack(channel.FINAL_CLIENT) + initial, sock)
 
-    def _send(self, worker: Worker, message: bytes, sock: socket.socket) -> None:
+    def _send(self, worker: Worker, message: bytes, sock: socket.socket | list[socket.socket]) -> None:
+        """A client for a worker (with the socket of the server it holds, handed over by an upgrade)."""
+        socks = sock if isinstance(sock, list) else [sock]
         worker.clients += 1
         if worker.backlog:
-            worker.backlog.append((message, sock))
+            worker.backlog.append((message, socks))
             return
-        if not self._try_send(worker, message, sock):
-            worker.backlog.append((message, sock))
+        if not self._try_send(worker, message, socks):
+            worker.backlog.append((message, socks))
             assert worker.channel is not None
             asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
 
-    def _try_send(self, worker: Worker, message: bytes, sock: socket.socket | None) -> bool:
-        """False when the channel is full (try again when writable); else the socket is handed over
-        (sock None: a control packet)."""
+    def _try_send(self, worker: Worker, message: bytes, socks: list[socket.socket] | None) -> bool:
+        """False when the channel is full (try again when writable); else the sockets are handed
+        over (None: a control packet)."""
         try:
             if worker.channel is None:
                 raise OSError("worker not running")
-            channel.send(worker.channel, message, None if sock is None else sock.fileno())
+            channel.send(worker.channel, message, None if socks is None else [s.fileno() for s in socks])
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
-            if sock is None:
+            if socks is None:
                 return True  # the worker is gone: its fan-outs are settled when it is reaped
             log.warning("client hand-over to worker %d failed: %s", worker.index, exc)
             worker.clients -= 1
-        if sock is not None:
+        for sock in socks or ():
             sock.close()
         return True
 
@@ -266,7 +283,83 @@ class Acceptor:
             # After the answer has gone to the console (its worker may stop at once)
             asyncio.get_running_loop().call_soon(self.begin_shutdown, request["mode"])
             return [True]
+        if op == "upgrade":
+            return [await self.upgrade()]
         return await self._to_all(request)
+
+    # --- upgrade (process/upgrade.py): the old side, then the new side ---
+
+    def _upgrade_signal(self) -> None:
+        log.info("signal: upgrade")
+        self._spawn_task(self.upgrade())
+
+    async def upgrade(self) -> dict[str, Any]:
+        """SIGUSR2 or UPGRADE: start the program on disk as the successor (an acceptor with its own
+        workers) and have every worker hand its clients over. {"pid": ...} or {"error": ...}."""
+        why = ("an upgrade is already in progress" if self._successor is not None
+               else "the previous upgrade's old process is still handing its clients over"
+               if self.predecessor is not None and self.predecessor.alive
+               else "the pooler is shutting down" if self.shutdown_mode else "")
+        if why:
+            log.error("upgrade refused: %s", why)
+            return {"error": why}
+        argv = program_argv(self.config.path if os.path.isfile(self.config.path) else None, self.log_level)
+        successor = Successor(argv, self.generation + 1, self._cancel_from_successor)
+        self._successor = successor
+        try:
+            await check_config(argv)
+            log.info("upgrade: the config passes the new program's check; starting it")
+            pid = await successor.start(self._listeners)
+        except UpgradeFailed as exc:
+            self._successor = None
+            log.error("upgrade failed, serving on: %s", exc)
+            return {"error": str(exc)}
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()  # the successor accepts on the same sockets from now on
+        self._listeners = []
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        sdnotify.notify(f"MAINPID={pid}\nREADY=1\nSTATUS=upgraded to pid {pid}")
+        log.info("upgrade: the new process (pid %d) serves; the workers hand %s over", pid,
+                 self.status_line())
+        self.shutdown_mode = "upgraded"  # no worker is restarted; they exit once empty
+        timeout = self.config.general.shutdown_timeout
+        self._shutdown_deadline = time.monotonic() + timeout + STOP_GRACE if timeout else 0.0
+        for worker in self.workers:
+            self._send_control(worker, [channel.pack(channel.HAND_OVER)])
+        self._stopped.set()
+        return {"pid": pid}
+
+    def _cancel_from_successor(self, initial: bytes, sock: socket.socket) -> None:
+        """A CancelRequest the successor did not know: to the worker of its key."""
+        pid, key = struct.unpack_from("!ii", initial, 8)
+        target = self._moved_keys.get((pid, key)) or self.workers[key % len(self.workers)]
+        self._send(target, channel.pack(channel.FINAL_CLIENT) + initial, sock)
+
+    def _moved_in(self, packet: bytes, fds: list[int]) -> None:
+        """A client the old pooler handed over: to the worker its cancel key routes to, if that one
+        serves its pool (else the least busy that does, remembered in _moved_keys)."""
+        state = channel.unpack(packet)
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        pid, key = state["cancel_key"]
+        capable = self._capable.get((state["database"], state["user"])) or self.workers
+        natural = self.workers[key % len(self.workers)]
+        target = natural if natural in capable else min(capable, key=lambda w: w.clients)
+        if target is not natural:
+            self._moved_keys[(pid, key)] = target
+        if state.get("counted"):
+            self.caps.admit(state["user"], state["database"], 0, 0)
+            target.caps.admit(state["user"], state["database"], 0, 0)
+        self._send(target, packet, socks)
+
+    async def _wait_started(self) -> None:
+        """An upgrade's successor says READY once every worker serves."""
+        deadline = time.monotonic() + STOP_GRACE * 3
+        while len(self._started) < len(self.workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _serve_request(self, worker: Worker, request_id: int, request: dict[str, Any]) -> None:
         results = await self.ask(request)
@@ -339,11 +432,12 @@ class Acceptor:
         assert worker.channel is not None
         while True:
             try:
-                data, fd = channel.receive(worker.channel)
+                data, fds = channel.receive_all(worker.channel)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data, fd = b"", None
+                data, fds = b"", []
+            fd = fds[0] if fds else None
             if not data:  # the worker is gone; the tick restarts it
                 asyncio.get_running_loop().remove_reader(worker.channel.fileno())
                 return
@@ -381,16 +475,31 @@ class Acceptor:
                     worker.caps.leave(user, database)
                     self.caps.leave(user, database)
             elif kind == channel.MOVED_CLIENT and fd is not None:
-                self._pass_on(worker, data, socket.socket(fileno=fd))
+                self._pass_on(worker, data, [socket.socket(fileno=f) for f in fds])
+                continue
+            elif kind == channel.STARTED:
+                self._started.add(worker.index)
             elif kind == channel.REROUTE and fd is not None:
                 self._reroute(worker, data, socket.socket(fileno=fd))
             elif fd is not None:
                 os.close(fd)
+            for extra in fds[1:]:
+                os.close(extra)
 
-    def _pass_on(self, source: Worker, message: bytes, sock: socket.socket) -> None:
+    def _pass_on(self, source: Worker, message: bytes, socks: list[socket.socket]) -> None:
         state = channel.unpack(message)
-        to = self.workers[state["to"]]
         source.clients = max(0, source.clients - 1)
+        if state["to"] == -1:  # handed over to an upgrade's successor
+            if state.get("counted"):
+                source.caps.leave(state["user"], state["database"])
+                self.caps.leave(state["user"], state["database"])
+            if self._successor is None:
+                for sock in socks:
+                    sock.close()
+                return
+            self._successor.forward(message, [sock.detach() for sock in socks])
+            return
+        to = self.workers[state["to"]]
         if state.get("counted"):  # its place under the client caps moves with it
             source.caps.leave(state["user"], state["database"])
             to.caps.admit(state["user"], state["database"], 0, 0)
@@ -399,7 +508,7 @@ class Acceptor:
             self._moved_keys.pop((pid, key), None)
         else:
             self._moved_keys[(pid, key)] = to
-        self._send(to, message, sock)
+        self._send(to, message, socks)
 
     # --- balancing waiting clients between workers ---
 
@@ -407,6 +516,8 @@ class Acceptor:
         """Move waiting clients of a pool from the worker where they wait longest to one with free
         servers, or with much shorter waits. Pool shares are fixed, so this is how a client never
         waits in one worker while another has a server for it."""
+        if self.shutdown_mode:
+            return
         now = time.monotonic()
         fresh = [w for w in self.workers if w.channel is not None and now - w.loads_at < STALE_LOAD]
         waiting = {i for w in fresh for i, load in w.loads.items() if load[1]}
@@ -465,6 +576,7 @@ class Acceptor:
         os.write(text, self.config.text.encode())
         os.lseek(text, 0, os.SEEK_SET)
         argv = [*self._worker_argv, "--worker", f"{worker.index}/{len(self.workers)}",
+                "--generation", str(self.generation),
                 "--channel-fd", str(theirs.fileno()), "--config-fd", str(text)]
         try:
             worker.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno(), text])
@@ -491,8 +603,8 @@ class Acceptor:
             loop.remove_writer(worker.channel.fileno())
             worker.channel.close()
             worker.channel = None
-        for _packet, sock in worker.backlog:
-            if sock is not None:
+        for _packet, socks in worker.backlog:
+            for sock in socks or ():
                 sock.close()
         worker.backlog.clear()
         worker.parts = Assembler()
@@ -528,14 +640,17 @@ class Acceptor:
 
     # --- life cycle ---
 
-    async def run(self) -> None:
+    async def run(self, predecessor: Predecessor | None = None) -> None:
+        """predecessor: the old pooler of an upgrade, which passes the listening sockets."""
         loop = asyncio.get_running_loop()
         for sig, mode in ((signal.SIGTERM, coordinate.WAIT_FOR_CLIENTS),
                           (signal.SIGINT, coordinate.WAIT_FOR_SERVERS),
                           (signal.SIGQUIT, coordinate.IMMEDIATE)):
             loop.add_signal_handler(sig, self._signalled, mode)
         loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
-        self._listeners = listening_sockets(self.config.general)
+        loop.add_signal_handler(signal.SIGUSR2, self._upgrade_signal)
+        inherited = predecessor.hello() if predecessor is not None else []
+        self._listeners = listening_sockets(self.config.general, inherited)
         for listener in self._listeners:
             loop.add_reader(listener.fileno(), self._accept, listener)
         for worker in self.workers:
@@ -546,13 +661,31 @@ class Acceptor:
             from pgdoorman.metrics.http import MetricsServer  # (prometheus_client: only when enabled)
 
             self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
-            await self._metrics.start(prometheus.host, prometheus.port)
-        sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
+            if predecessor is None:
+                await self._metrics.start(prometheus.host, prometheus.port)
+            else:  # its port is the old process's until this one is ready
+                self._spawn_task(self._metrics.start(prometheus.host, prometheus.port, wait=True))
+        if predecessor is not None:
+            await self._wait_started()
+            self.predecessor = predecessor
+            predecessor.listen(self._moved_in, lambda: log.info("upgrade: hand-over complete"))
+            write_pidfile(self.config.general.pidfile)
+            predecessor.ready()
+            log.info("upgrade: serving with %d workers; the old process hands its clients over",
+                     len(self.workers))
+        else:
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
         await self._stopped.wait()
         await self._wait_workers()
         supervisor.cancel()
         if self._metrics is not None:
             self._metrics.close()
+        if self._successor is not None:  # the last clients the workers handed over, then the link
+            deadline = time.monotonic() + STOP_GRACE
+            outbox = self._successor.outbox
+            while outbox is not None and len(outbox) and not outbox.broken and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            self._successor.close()
 
     async def _wait_workers(self) -> None:
         """The workers shut down as told (begin_shutdown); past shutdown_timeout and STOP_GRACE
@@ -573,13 +706,11 @@ class Acceptor:
 
 def worker_argv(config_path: str | None, log_level: str | None) -> list[str]:
     """The command line that starts one worker (the acceptor appends --worker and --channel-fd)."""
-    argv = [sys.executable, "-m", "pgdoorman"]
-    if config_path:
-        argv += ["-c", os.path.abspath(config_path)]
-    if log_level:
-        argv += ["--log-level", log_level]
-    return argv
+    return program_argv(config_path, log_level)
 
 
-async def serve_workers(config: Config, workers: int, config_path: str | None, log_level: str | None) -> None:
-    await Acceptor(config, workers, worker_argv(config_path, log_level)).run()
+async def serve_workers(config: Config, workers: int, config_path: str | None, log_level: str | None,
+                        generation: int = 0, upgrade_fd: int | None = None) -> None:
+    acceptor = Acceptor(config, workers, worker_argv(config_path, log_level), generation)
+    acceptor.log_level = log_level
+    await acceptor.run(Predecessor(upgrade_fd) if upgrade_fd is not None else None)

@@ -27,7 +27,7 @@ from pgdoorman.auth.jwt import JwtKeyCache
 from pgdoorman.auth.lookup import Answer
 from pgdoorman.backend.tls import ServerTls, server_tls
 from pgdoorman.cancel import CancelRegistry
-from pgdoorman.client import ACTIVE, ClientConn
+from pgdoorman.client import ACTIVE, ClientConn, arrival_pool
 from pgdoorman.config import (
     RESTART_KEYS,
     Config,
@@ -40,10 +40,13 @@ from pgdoorman.config import (
 from pgdoorman.frontend.authquery import AuthLookup
 from pgdoorman.frontend.tls import ClientTls, client_tls
 from pgdoorman.limits import ClientCaps, FailureDelay, MemoryBudget, Refusal
-from pgdoorman.listen import listening_sockets, serve_on
+from pgdoorman.listen import Listener, listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
 from pgdoorman.pool import DbBudget, Pool
+from pgdoorman.process.pidfile import write_pidfile
+from pgdoorman.process.upgrade import Predecessor, Successor, UpgradeFailed, check_config
 from pgdoorman.protocol import codes
+from pgdoorman.server import ServerConn
 
 if TYPE_CHECKING:
     from pgdoorman.metrics.http import MetricsServer
@@ -60,8 +63,9 @@ class App:
     """One event loop's pooler: the whole pooler (one worker), or worker `worker` of `workers`, which
     then gets its clients from the acceptor process over a unix socket instead of listening."""
 
-    def __init__(self, config: Config, worker: int = 0, workers: int = 1) -> None:
+    def __init__(self, config: Config, worker: int = 0, workers: int = 1, generation: int = 0) -> None:
         self.config = config
+        self.generation = generation  # upgrades that led to this process (process/upgrade.py)
         self.tls = ClientTls()  # set by apply_config
         self.server_tls = ServerTls()
         self.jwt_keys = JwtKeyCache()  # re-read when a key file changes; emptied on reload
@@ -70,8 +74,17 @@ class App:
         self._admit_ids = itertools.count(1)
         self.failures = FailureDelay()
         self.memory = MemoryBudget()  # max_memory_usage: this worker's share (apply_config)
-        ids.configure(worker, workers)
-        self.cancels = CancelRegistry(worker, workers)
+        ids.configure(worker, workers, generation)
+        self.cancels = CancelRegistry(worker, workers, generation)
+        # An upgrade (process/upgrade.py). Old side: handing_over once the successor serves, the
+        # clients move at their next idle point, through _successor (one process) or the acceptor.
+        self.handing_over = False
+        self._successor: Successor | None = None
+        self._to_hand_over: set[ClientConn] = set()
+        self._hand_over_at = 0.0  # when the drain ends: shutdown_timeout after the start
+        self.upgrade_argv: list[str] = []  # how to start the program on disk (cli.py)
+        # New side: the old process, while it hands over (cancels for its clients go back to it)
+        self.predecessor: Predecessor | None = None
         self.auth_key = b""
         self.clients: set[ClientConn] = set()
         self.pools: dict[tuple[str, str], Pool] = {}
@@ -90,7 +103,7 @@ class App:
         self._fd_warned = 0.0
         self._adopting: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[asyncio.AbstractServer] = []
+        self._listeners: list[Listener] = []
         self._stopped = asyncio.Event()
         self._tick: asyncio.Task[None] | None = None
         self.control = WorkerControl(self)
@@ -362,7 +375,8 @@ class App:
 
     # --- life cycle ---
 
-    async def start(self, channel_fd: int | None = None) -> None:
+    async def start(self, channel_fd: int | None = None, predecessor: Predecessor | None = None) -> None:
+        """predecessor: the old pooler of an upgrade (one process: it passed the listening sockets)."""
         loop = asyncio.get_running_loop()
         # Before listening: a signal must never find the default action (SIGHUP would kill us).
         if channel_fd is None:
@@ -371,24 +385,30 @@ class App:
                               (signal.SIGQUIT, coordinate.IMMEDIATE)):
                 loop.add_signal_handler(sig, self._signalled, mode)
             loop.add_signal_handler(signal.SIGHUP, self._reload_signal)
+            loop.add_signal_handler(signal.SIGUSR2, self._upgrade_signal)
         else:  # the acceptor decides, and tells every worker (acceptor.py)
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.add_signal_handler(sig, lambda: None)
             loop.add_signal_handler(signal.SIGQUIT, self.begin_shutdown, coordinate.IMMEDIATE)
         if channel_fd is None:
-            socks = listening_sockets(self.config.general)
+            inherited = predecessor.hello() if predecessor is not None else []
+            socks = listening_sockets(self.config.general, inherited)
             self._listeners = await serve_on(socks, lambda: ClientConn(self))
             prometheus = self.config.prometheus
             if prometheus.enabled:
                 from pgdoorman.metrics.http import MetricsServer  # (prometheus_client: only when enabled)
 
                 self._metrics = MetricsServer(self.ask, lambda: self.config, lambda: bool(self.shutdown_mode))
-                await self._metrics.start(prometheus.host, prometheus.port)
+                if predecessor is None:
+                    await self._metrics.start(prometheus.host, prometheus.port)
+                else:  # its port is the old process's until this one is ready
+                    self._spawn(self._metrics.start(prometheus.host, prometheus.port, wait=True))
         else:
             self._channel = socket.socket(fileno=channel_fd)
             self._channel.setblocking(False)
             self._outbox = channel.Outbox(self._channel)
             loop.add_reader(channel_fd, self._receive)
+            self._outbox.put(iter([channel.pack(channel.STARTED)]))
         for pool in self.pools.values():
             pool.maintain()  # opens min_pool_size servers
         self._tick = loop.create_task(self._housekeeping())
@@ -397,12 +417,172 @@ class App:
         # few hundred transactions.
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, 20, 20)
-        if channel_fd is None:
+        if predecessor is not None:  # it stops accepting now, hands its clients over, and exits
+            self.predecessor = predecessor
+            predecessor.listen(self._moved_in, self._predecessor_gone)
+            write_pidfile(self.config.general.pidfile)
+            predecessor.ready()
+            log.info("upgrade: serving; the old process hands its clients over")
+        elif channel_fd is None:
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}\nMAINPID={os.getpid()}")
 
     def _reload_signal(self) -> None:
         log.info("signal: reload")
         self._spawn(coordinate.single(self, {"op": "reload"}))
+
+    # --- upgrade, old side (one process; with several, the acceptor starts it: acceptor.py) ---
+
+    def _upgrade_signal(self) -> None:
+        log.info("signal: upgrade")
+        self._spawn(self.upgrade())
+
+    async def upgrade(self) -> dict[str, Any]:
+        """SIGUSR2 or UPGRADE with one process: start the program now on disk as the successor and
+        hand every client over to it. {"pid": the successor's} or {"error": why}: then this
+        pooler serves on as if nothing had happened."""
+        why = self.upgrade_refusal()
+        if why:
+            log.error("upgrade refused: %s", why)
+            return {"error": why}
+        successor = Successor(self.upgrade_argv, self.generation + 1, self._cancel_from_successor)
+        self._successor = successor
+        try:
+            await check_config(self.upgrade_argv)
+            log.info("upgrade: the config passes the new program's check; starting it")
+            pid = await successor.start([listener.sock for listener in self._listeners])
+        except UpgradeFailed as exc:
+            self._successor = None
+            log.error("upgrade failed, serving on: %s", exc)
+            return {"error": str(exc)}
+        for listener in self._listeners:
+            listener.close()  # the successor accepts on the same sockets from now on
+        self._listeners = []
+        if self._metrics is not None:
+            self._metrics.close()  # its port is the successor's to bind (it retries until free)
+            self._metrics = None
+        sdnotify.notify(f"MAINPID={pid}\nREADY=1\nSTATUS=upgraded to pid {pid}")
+        log.info("upgrade: the new process (pid %d) serves; handing %d clients over", pid, len(self.clients))
+        self.begin_hand_over()
+        return {"pid": pid}
+
+    def upgrade_refusal(self) -> str:
+        if self._successor is not None or self.handing_over:
+            return "an upgrade is already in progress"
+        if self.predecessor is not None:
+            return "the previous upgrade's old process is still handing its clients over"
+        if self.shutdown_mode:
+            return "the pooler is shutting down"
+        return ""
+
+    def begin_hand_over(self) -> None:
+        """Every client moves to the successor at its next idle point; this process ends once none
+        is left, or at shutdown_timeout (those still here get 58006)."""
+        self.handing_over = True
+        timeout = self.config.general.shutdown_timeout
+        self._hand_over_at = time.monotonic() + timeout if timeout else 0.0
+        for client in self.clients:
+            self.hand_over_soon(client)
+
+    def hand_over_soon(self, client: ClientConn) -> None:
+        """At the client's idle point (ClientConn.on_ready), once the call that found it is done."""
+        if not self._to_hand_over:
+            asyncio.get_running_loop().call_soon(self._hand_over_due)
+        self._to_hand_over.add(client)
+
+    def _hand_over_due(self) -> None:
+        due, self._to_hand_over = self._to_hand_over, set()
+        for client in due:
+            if client.can_hand_over():
+                self._hand_over(client)
+
+    def _hand_over(self, client: ClientConn) -> None:
+        fds, state = client.hand_over_state()
+        if self._successor is not None:
+            self._successor.send_client(state, fds)
+        elif self._outbox is not None:  # a worker: through the acceptor, which passes it on
+            state["to"] = -1
+            self._outbox.put_fds(channel.pack(channel.MOVED_CLIENT, state), fds)
+        log.debug("%s: handed over to the new process%s", client.id,
+                  " with its server" if len(fds) > 1 else "")
+
+    def _hand_over_progress(self) -> None:
+        """Each tick while handing over: the clients that became idle meanwhile, idle servers no
+        client here needs any more, and the end."""
+        for client in list(self.clients):
+            if client.can_hand_over():
+                self._hand_over(client)
+        for pool in self.pools.values():
+            if not pool.clients:
+                for server in list(pool.idle):
+                    server.close("upgrade: its clients have moved to the new process")
+        outbox = self._successor.outbox if self._successor is not None else self._outbox
+        if not self.clients and not (outbox is not None and len(outbox)):
+            log.info("upgrade: every client has been handed over; exiting")
+            self._stopped.set()
+        elif self._hand_over_at and time.monotonic() >= self._hand_over_at:
+            log.warning("upgrade: shutdown_timeout reached: %d clients could not be handed over",
+                        len(self.clients))
+            for client in list(self.clients):
+                client.fatal(codes.NOT_HANDED_OVER,
+                             "the pooler was upgraded and this connection could not be handed over to the "
+                             "new process (TLS, LISTEN, or busy until shutdown_timeout)")
+            self._stopped.set()
+
+    def _cancel_from_successor(self, initial: bytes, sock: socket.socket) -> None:
+        """A CancelRequest the successor did not know: its client is still here."""
+        self._adopt(sock, partial(ClientConn, self, initial, final=True))
+
+    # --- upgrade, new side ---
+
+    def _moved_in(self, packet: bytes, fds: list[int]) -> None:
+        """A client (and in session mode its server) the old process handed over."""
+        self._adopt_moved(channel.unpack(packet), fds)
+
+    def _predecessor_gone(self) -> None:
+        self.predecessor = None
+
+    def _adopt_moved(self, state: dict[str, Any], fds: list[int]) -> None:
+        client_sock = socket.socket(fileno=fds[0])
+        server_sock = socket.socket(fileno=fds[1]) if len(fds) > 1 else None
+        for extra in fds[2:]:
+            os.close(extra)
+        task = asyncio.get_running_loop().create_task(self._connect_moved(state, client_sock, server_sock))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _connect_moved(self, state: dict[str, Any], client_sock: socket.socket,
+                             server_sock: socket.socket | None) -> None:
+        loop = asyncio.get_running_loop()
+        server: ServerConn | None = None
+        if server_sock is not None:
+            pool = arrival_pool(self, state)
+            if pool is None:
+                server_sock.close()  # _arrive tells the client
+            else:
+                adopted = server = ServerConn.adopted(pool, state["server"])
+                try:
+                    await loop.connect_accepted_socket(lambda: adopted, server_sock)
+                except OSError as exc:
+                    log.warning("%s: its server could not be adopted: %s", state["id"], exc)
+                    server_sock.close()
+                    server = None
+                else:
+                    pool.servers.add(server)
+
+        def arriving() -> ClientConn:
+            client = ClientConn(self, moved=state)
+            client.server = server
+            return client
+
+        try:
+            await loop.connect_accepted_socket(arriving, client_sock)
+        except OSError as exc:  # the client went away during the hand-over
+            log.info("%s: hand-over failed: %s", state["id"], exc)
+            client_sock.close()
+            if server is not None:
+                server.close("its client went away during the hand-over")
+            if self._channel is not None:
+                self._closed_unreported += 1
 
     def _signalled(self, mode: str) -> None:
         """SIGTERM, SIGINT, SIGQUIT (single process): a second SIGTERM or SIGINT is immediate."""
@@ -464,12 +644,13 @@ class App:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                data, fd = channel.receive(self._channel)
+                data, fds = channel.receive_all(self._channel)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                data, fd = b"", None
+                data, fds = b"", []
                 log.error("acceptor channel failed: %s", exc)
+            fd = fds[0] if fds else None
             if not data:
                 log.warning("the acceptor process is gone: stopping")
                 loop.remove_reader(self._channel.fileno())
@@ -494,6 +675,12 @@ class App:
             elif kind == channel.MOVE_CLIENTS:
                 pool_index, count, to = channel.unpack(data)
                 self._move_clients(pool_index, count, to)
+            elif kind == channel.HAND_OVER:
+                log.info("worker %d: upgrade: handing %d clients over to the new process", self.worker,
+                         len(self.clients))
+                self.begin_hand_over()
+            elif kind == channel.MOVED_CLIENT and fds:
+                self._adopt_moved(channel.unpack(data), fds)
             elif fd is None and kind in _CLIENT_KINDS:
                 # out of file descriptors here (the kernel dropped the passed one): the client is
                 # gone, and the acceptor must stop counting it as ours
@@ -503,11 +690,10 @@ class App:
                     self._fd_warned = now
                     log.warning("a client passed by the acceptor was lost: out of file descriptors")
             elif fd is not None:
+                for extra in fds[1:]:
+                    os.close(extra)
                 sock = socket.socket(fileno=fd)
-                if kind == channel.MOVED_CLIENT:
-                    self._adopt(sock, partial(ClientConn, self, moved=channel.unpack(data)))
-                else:
-                    self._adopt(sock, partial(ClientConn, self, data[1:], final=kind == channel.FINAL_CLIENT))
+                self._adopt(sock, partial(ClientConn, self, data[1:], final=kind == channel.FINAL_CLIENT))
 
     def _adopt(self, sock: socket.socket, factory: Callable[[], ClientConn]) -> None:
         task = asyncio.get_running_loop().create_task(self._connect_socket(sock, factory))
@@ -524,9 +710,15 @@ class App:
 
     def reroute(self, client: ClientConn, initial: bytes, database: str, user: str,
                 cancel_key: tuple[int, int] | None) -> bool:
-        """Give a client that belongs to another worker back to the acceptor (see acceptor.py)."""
+        """Give a client that belongs to another worker back to the acceptor (see acceptor.py); one
+        process: a CancelRequest for a client still on the old process of an upgrade goes there."""
         if self._channel is None:
-            return False
+            if (cancel_key is None or self.predecessor is None or not self.predecessor.alive
+                    or self.cancels.ours(cancel_key[1])):
+                return False
+            self.predecessor.forward_cancel(initial, client.detach_socket())
+            log.info("cancel request passed to the old process of the upgrade")
+            return True
         fd = client.detach_socket()
         try:
             message = channel.pack(channel.REROUTE, (initial, database, user, cancel_key))
@@ -540,10 +732,15 @@ class App:
     def reroute_cancel(self, request: bytes, cancel_key: tuple[int, int]) -> bool:
         """A CancelRequest that came over TLS for a key another worker issued: the TLS socket must
         stay here, so the request goes on over one end of a fresh socket pair."""
-        if self._channel is None:
+        if self._channel is None and (self.predecessor is None or not self.predecessor.alive
+                                      or self.cancels.ours(cancel_key[1])):
             return False
         ours, theirs = socket.socketpair()
         try:
+            if self._channel is None:
+                assert self.predecessor is not None
+                self.predecessor.forward_cancel(request, os.dup(theirs.fileno()))
+                return True
             message = channel.pack(channel.REROUTE, (request, "", "", cancel_key))
             channel.send(self._channel, message, theirs.fileno())
             log.info("cancel request over TLS passed on to the worker of key %d", cancel_key[1])
@@ -671,6 +868,8 @@ class App:
             if not pool.clients:
                 self._draining.remove(pool)
                 pool.close_all("pool removed from the config")
+        if self.handing_over and not self._stopped.is_set():
+            self._hand_over_progress()
         self._shutdown_progress()
 
     def _enforce_timeouts(self) -> None:
@@ -717,7 +916,11 @@ class App:
                 client.fatal(codes.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout")
 
 
-async def serve(config: Config, worker: int = 0, workers: int = 1, channel_fd: int | None = None) -> None:
-    app = App(config, worker, workers)
-    await app.start(channel_fd)
+async def serve(config: Config, worker: int = 0, workers: int = 1, channel_fd: int | None = None,
+                generation: int = 0, upgrade_fd: int | None = None,
+                upgrade_argv: list[str] | None = None) -> None:
+    """upgrade_fd: the link to the old pooler this one takes over from (process/upgrade.py)."""
+    app = App(config, worker, workers, generation)
+    app.upgrade_argv = upgrade_argv or []
+    await app.start(channel_fd, Predecessor(upgrade_fd) if upgrade_fd is not None else None)
     await app.run_until_stopped()

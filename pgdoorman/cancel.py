@@ -19,6 +19,11 @@ _two_u32 = struct.Struct("!II").unpack
 CANCEL_TIMEOUT = 5.0
 
 
+def issued_by(key: int, generation: int) -> bool:
+    """Whether a cancel key is of this generation's parity (CancelRegistry._offset)."""
+    return (key < 0) == (generation % 2 == 1)
+
+
 class CancelRegistry:
     """Cancel keys this worker issued (or adopted), by their secret part.
 
@@ -28,10 +33,15 @@ class CancelRegistry:
     too, so that a pid tells the worker in logs and tests).
     """
 
-    def __init__(self, worker: int = 0, workers: int = 1) -> None:
+    def __init__(self, worker: int = 0, workers: int = 1, generation: int = 0) -> None:
         self._worker = worker
         self._workers = workers
-        self._clients: dict[int, ClientConn] = {}  # secret key -> client
+        # Keys of even generations (upgrades: process/upgrade.py) are >= 0, of odd ones < 0, whatever
+        # the number of workers: a successor tells a key its predecessor issued by its sign.
+        self._offset = 0 if generation % 2 == 0 else ((1 << 30) // workers + 1) * workers
+        # (pid, secret key) -> client. Both parts: a client handed over by an upgrade keeps the key an
+        # older generation issued, which only the pair keeps apart from this one's (2^-61 a pair).
+        self._clients: dict[tuple[int, int], ClientConn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def register(self, client: ClientConn, pid: int = 0) -> tuple[int, int]:
@@ -39,30 +49,31 @@ class CancelRegistry:
         workers, worker = self._workers, self._worker
         while True:
             raw_pid, raw_key = _two_u32(secrets.token_bytes(8))
-            key = ((raw_key >> 1) - (1 << 30)) // workers * workers + worker  # 31 bits, then ≡
-            if key not in self._clients:
+            key = (raw_key >> 2) // workers * workers + worker - self._offset  # 31 bits, ≡ worker
+            new_pid = pid or (raw_pid >> 2) // workers * workers + worker or workers  # positive, like a pid
+            if (new_pid, key) not in self._clients:
                 break
-        if not pid:
-            pid = (raw_pid >> 2) // workers * workers + worker or workers  # positive, like a pid
-        self._clients[key] = client
-        return pid, key
+        self._clients[(new_pid, key)] = client
+        return new_pid, key
+
+    def ours(self, key: int) -> bool:
+        """Issued by this generation (or by the one before the last: see _offset)."""
+        return (key < 0) == (self._offset != 0)
 
     def known(self, pid: int, key: int) -> bool:
-        client = self._clients.get(key)
-        return client is not None and client.cancel_key == (pid, key)
+        return (pid, key) in self._clients
 
     def adopt(self, client: ClientConn) -> None:
-        """A client moved here from another worker keeps the key it was given there."""
-        self._clients[client.cancel_key[1]] = client
+        """A client moved here from another worker (or process) keeps the key it was given there."""
+        self._clients[client.cancel_key] = client
 
     def unregister(self, client: ClientConn) -> None:
-        key = client.cancel_key[1]
-        if self._clients.get(key) is client:
-            del self._clients[key]
+        if self._clients.get(client.cancel_key) is client:
+            del self._clients[client.cancel_key]
 
     def forward(self, pid: int, key: int) -> None:
-        client = self._clients.get(key)
-        if client is None or client.cancel_key[0] != pid:
+        client = self._clients.get((pid, key))
+        if client is None:
             log.info("cancel request with unknown key ignored")
             return
         server = client.server

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import marshal
+import os
 import socket
 import struct
 from collections import deque
@@ -25,7 +26,7 @@ NEW_CLIENT = 0x43  # "C" + the bytes read so far (none when just accepted); fd: 
 FINAL_CLIENT = 0x46  # "F": the same, rerouted: the worker must serve it, never reroute it again
 MOVE_CLIENTS = 0x4D  # "M" + (pool index, how many, to which worker): pass some waiting clients on
 # both ways: a logged-in client changing worker (to the acceptor with "to", then to that worker)
-MOVED_CLIENT = 0x41  # "A" + ClientConn.detach() state; fd: the client
+MOVED_CLIENT = 0x41  # "A" + ClientConn.detach() state; fds: the client (and the server it holds)
 # worker -> acceptor
 CLIENTS_GONE = 0x78  # "x" repeated once per client that has gone
 LOAD = 0x4C  # "L" + [(pool index, *Load), ...]
@@ -35,6 +36,13 @@ REROUTE = 0x52  # "R" + (bytes read, database, user, cancel key or None); fd: a 
 ADMIT = 0x61  # "a" + (request id, user, database): worker -> acceptor
 ADMITTED = 0x62  # "b" + (request id, refusal or None): acceptor -> worker
 LEAVE = 0x6C  # "l" + (user, database): a counted client has gone
+STARTED = 0x73  # "s": a worker is serving (an upgrade's new acceptor waits for all of them)
+HAND_OVER = 0x68  # "h": acceptor -> worker: an upgrade began, move every client to the successor
+# Between an old pooler and its successor during an upgrade (process/upgrade.py): HELLO (old ->
+# new, fds: the listening sockets), READY (new -> old); then MOVED_CLIENT old -> new, and REROUTE
+# new -> old for a CancelRequest the successor does not know (the client is still on the old one).
+HELLO = 0x48  # "H" + {"generation": n}
+READY = 0x59  # "Y" + the successor's pid
 # Control: the admin console, signals and reload cover every worker. A request goes from the worker
 # that has the admin client to the acceptor, which asks every worker and answers with the list of
 # their answers (admin/fanout.py). Both can be larger than a packet: sent in PARTs.
@@ -52,18 +60,30 @@ def unpack(data: bytes) -> Any:
     return marshal.loads(data[1:])
 
 
-def send(channel: socket.socket, data: bytes, fd: int | None = None) -> None:
+MAX_FDS = 16  # a HELLO's listening sockets; a moved client has one or two
+
+
+def send(channel: socket.socket, data: bytes, fd: int | list[int] | None = None) -> None:
     """Raises BlockingIOError when the channel is full (nothing was sent)."""
     if fd is None:
         channel.send(data)
     else:
-        socket.send_fds(channel, [data], [fd])
+        socket.send_fds(channel, [data], [fd] if isinstance(fd, int) else fd)
+
+
+def receive_all(channel: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds that came with it. b"": the other side has gone.
+    Raises BlockingIOError when there is nothing to read."""
+    data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
+    return data, fds
 
 
 def receive(channel: socket.socket) -> tuple[bytes, int | None]:
-    """One message and its fd (if any). b"" with None: the other side has gone.
-    Raises BlockingIOError when there is nothing to read."""
-    data, fds, _flags, _addr = socket.recv_fds(channel, MAX_MESSAGE, 1)
+    """One message and its first fd (a second one, the server of a moved session client, is
+    returned by receive_all). b"" with None: the other side has gone."""
+    data, fds = receive_all(channel)
+    for extra in fds[1:]:
+        os.close(extra)
     return data, (fds[0] if fds else None)
 
 
@@ -95,32 +115,60 @@ class Assembler:
 
 
 class Outbox:
-    """A worker's control packets to the acceptor, queued while the channel is full. (The
-    acceptor queues its packets to a worker with the client sockets it hands over.)"""
+    """Packets to the other process, queued while the channel is full: a worker's control packets
+    and the clients it hands over; an old pooler's clients for its successor (process/upgrade.py).
+    A packet's fds are closed once it has been sent, or once the other side has gone."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[bytes, list[int]]] = deque()
         self._writing = False
+        self.broken = False
 
     def put(self, packets: Iterator[bytes]) -> None:
-        self._queue.extend(packets)
+        for packet in packets:
+            self.put_fds(packet, [])
+
+    def put_fds(self, packet: bytes, fds: list[int]) -> None:
+        if self.broken:
+            for fd in fds:
+                os.close(fd)
+            return
+        self._queue.append((packet, fds))
         if not self._writing:
             self._flush()
 
+    def __len__(self) -> int:
+        return len(self._queue)
+
     def _flush(self) -> None:
         while self._queue:
+            packet, fds = self._queue[0]
             try:
-                self.sock.send(self._queue[0])
+                send(self.sock, packet, fds or None)
             except (BlockingIOError, InterruptedError):
                 if not self._writing:
                     self._writing = True
                     asyncio.get_running_loop().add_writer(self.sock.fileno(), self._flush)
                 return
-            except OSError:  # the acceptor is gone: the worker stops (App._receive)
-                self._queue.clear()
-                break
+            except OSError:  # the other side is gone (a worker then stops: App._receive)
+                self.close()
+                return
             self._queue.popleft()
+            for fd in fds:
+                os.close(fd)
         if self._writing:
             self._writing = False
             asyncio.get_running_loop().remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        self.broken = True
+        if self._writing:
+            self._writing = False
+            try:
+                asyncio.get_running_loop().remove_writer(self.sock.fileno())
+            except (RuntimeError, ValueError):
+                pass
+        while self._queue:
+            for fd in self._queue.popleft()[1]:
+                os.close(fd)

@@ -22,12 +22,17 @@ from pgdoorman.config import (
 )
 from pgdoorman.fdlimit import raise_nofile_limit
 from pgdoorman.logs import force_log_level, setup_logging
+from pgdoorman.process.pidfile import remove_pidfile, write_pidfile
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgdoorman", description="PostgreSQL connection pooler")
-    p.add_argument("command", nargs="?", choices=["run", "demo"], default="run",
-                   help="run the pooler (default) or `demo`: a throwaway PostgreSQL + pooler + pgbench")
+    p.add_argument("command", nargs="?", choices=["run", "demo", "upgrade"], default="run",
+                   help="run the pooler (default); `demo`: a throwaway PostgreSQL + pooler + pgbench; "
+                        "`upgrade`: have the running pooler (general.pidfile, or --pid) hand over to "
+                        "the program now on disk")
+    p.add_argument("--pid", type=int,
+                   help="upgrade: the running pooler's pid (default: from general.pidfile)")
     p.add_argument("-c", "--config", help="TOML config file (default: the embedded config)")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit 0/1")
     p.add_argument("--version", action="version", version=f"pgdoorman {__version__}")
@@ -36,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--channel-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)  # the acceptor's running config
+    # Internal: an upgrade's successor (pgdoorman/process/upgrade.py)
+    p.add_argument("--upgrade-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--generation", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
@@ -76,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{config.path}: ok ({len(config.pools)} pools)")
         return 0
+    if args.command == "upgrade":
+        from pgdoorman.process.command import upgrade_running
+
+        return upgrade_running(config, args.pid)
     if args.log_level:
         force_log_level(args.log_level)
     setup_logging(config.general.log_level, config.general.log_format)
@@ -87,26 +99,34 @@ def main(argv: list[str] | None = None) -> int:
             raise_nofile_limit(_fds_needed(config, workers))
             from pgdoorman.app import serve
 
-            _run(serve(config, worker, workers, args.channel_fd))
+            _run(serve(config, worker, workers, args.channel_fd, args.generation))
             return 0
         workers = worker_count(config)
         log.info("pgdoorman %s starting with %s, %d worker%s", __version__, config.path, workers,
                  "s" if workers > 1 else "")
         # (The acceptor holds a few descriptors at a time; its workers inherit the raised limit.)
         raise_nofile_limit(_fds_needed(config, 1) if workers == 1 else 0)
+        if args.upgrade_fd is None:
+            write_pidfile(config.general.pidfile)
         if workers > 1:
             from pgdoorman.acceptor import serve_workers
 
-            _run(serve_workers(config, workers, args.config, args.log_level))
+            _run(serve_workers(config, workers, args.config, args.log_level, args.generation,
+                               args.upgrade_fd))
         else:
             from pgdoorman.app import serve
+            from pgdoorman.process.upgrade import program_argv
 
-            _run(serve(config))
+            _run(serve(config, generation=args.generation, upgrade_fd=args.upgrade_fd,
+                       upgrade_argv=program_argv(args.config, args.log_level)))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        if not args.worker:
+            remove_pidfile(config.general.pidfile)
     return 0
 
 

@@ -1062,6 +1062,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
             self._terminated()
             return
         if self.mode == SESSION:
+            if self.app.handing_over and status == _STATUS_IDLE:
+                self.app.hand_over_soon(self)
             return
         server = self.server
         assert server is not None
@@ -1087,6 +1089,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 return
             if self._pinned:  # state that cannot move: it keeps this server (frontend/pins.py)
                 server.settings_dirty = True  # and looks again after its next transaction
+                if self.app.handing_over:
+                    self.app.hand_over_soon(self)
                 return
             self.server = None
             if server.session_reset or self._reset_always:
@@ -1094,6 +1098,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 self._give_back(server)
             else:
                 server.pool.release(server)  # (which unlinks it from this client)
+            if self.app.handing_over:  # an upgrade: between transactions, it moves now
+                self.app.hand_over_soon(self)
         elif self.mode == STATEMENT:
             self.fatal(codes.FEATURE_NOT_SUPPORTED,
                        "transaction blocks not allowed in statement pooling mode")
@@ -1440,17 +1446,63 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         """Leave this worker with the connection open: (a duplicate of the socket's fd, the state
         another worker's ClientConn(moved=state) continues from). The request it was waiting to send
         goes along; the new worker queues it again."""
+        assert self._held is not None
+        state = self._leave()
+        return self.detach_socket(), state
+
+    def can_hand_over(self) -> bool:
+        """At an idle point an upgrade's successor can continue from: between transactions (or
+        waiting for a server), nothing half read or half written, no TLS session (it lives in this
+        process); a server it holds (session mode, a pinned client) idle and in clear text too.
+        A LISTENing client of a transaction pool stays: a notification sent while it moved would be
+        lost, and losing one silently is worse than the disconnect at the end of the drain."""
         pool = self.pool
-        assert pool is not None and self._held is not None
+        if not (self.state == ACTIVE and pool is not None and not pool.removed and self.tls is None
+                and not self._terminating and not self.channels and self._notes is None
+                and not self._partial and not self._skip and not self._paused and self._verify_hold is None
+                and not self._drop and not self.transport.get_write_buffer_size()):
+            return False
+        server = self.server
+        if server is None:
+            return self._held is None or self.waiting
+        return (self._held is None and not self.in_transaction and server.client is self and server.movable()
+                and (self.mode == SESSION or bool(self._pinned)))
+
+    def hand_over_state(self) -> tuple[list[int], dict[str, Any]]:
+        """Leave this process for an upgrade's successor (can_hand_over() held): the fds of its
+        socket and of the server it holds (if any), and the state ClientConn(moved=state) continues
+        from."""
+        server, pool = self.server, self.pool
+        assert pool is not None
+        state = self._leave()
+        state["startup"] = self._startup
+        state["scram_keys"] = pool.scram_keys if pool.passthrough is not None else None
+        state["lookup"] = pool.user_cfg.password if pool.looked_up else None
+        state["pinned"] = self._pinned
+        fds = []
+        if server is not None:
+            if self._pinned:
+                pool.pinned -= 1
+            self.server = None
+            server.client = None
+            state["server"] = server.export()
+            fds.append(server.detach())
+        return [self.detach_socket(), *fds], state
+
+    def _leave(self) -> dict[str, Any]:
+        """The state another process continues from (detach, hand_over_state); the pool forgets it."""
+        pool = self.pool
+        assert pool is not None
         state = {
             "id": self.id, "peer": self.peer, "database": pool.cfg.name, "user": pool.user,
             "params": self.params, "settings": self.settings, "initial": self._initial,
             "prepared_sql": self.prepared_sql, "custom": self._custom,
             "cancel_key": self.cancel_key,
             "connected_at": self.connected_at,
-            "held": bytes(self._held), "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
+            "held": b"" if self._held is None else bytes(self._held),
+            "stmts": [(name, stmt.key) for name, stmt in self.stmts.items()],
             "unnamed": self._unnamed_parse(),
-            "wait_since": self.wait_since,  # CLOCK_MONOTONIC: the same clock in every process
+            "wait_since": self.wait_since if self.waiting else 0.0,  # CLOCK_MONOTONIC: one clock for all
             "counted": self._counted,  # its place under the client caps moves with it
         }
         received, sent = self.traffic()
@@ -1461,15 +1513,24 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         pool.cancel_wait(self)
         pool.clients -= 1
         self.app.cancels.unregister(self)
-        return self.detach_socket(), state
+        return state
 
     def _arrive(self, state: dict[str, Any]) -> None:
-        """The other half of detach(), on the new worker."""
+        """The other half of detach() and hand_over_state(), in the new worker or process."""
         self._moved = None
-        pool = self.app.pool_for(state["database"], state["user"])
-        if pool is None:  # cannot happen with one config; never leave the client hanging
-            self.fatal(codes.INTERNAL_ERROR, "pool not found after moving to another worker")
+        startup = state.get("startup") or {}
+        pool = arrival_pool(self.app, state)
+        self._looked_up_secret = pool is not None and pool.looked_up
+        if pool is None:  # a reload or an upgrade took its pool out of the config
+            self.fatal(codes.INTERNAL_ERROR, f'pool "{state["database"]}/{state["user"]}" not found after '
+                       "moving to another pooler process")
+            if self.server is not None:
+                self.server.close("its client's pool is not in this pooler's config")
             return
+        self._startup = dict(startup)
+        keys = state.get("scram_keys")
+        if keys is not None and pool.passthrough is not None and pool.scram_keys is None:
+            pool.scram_keys = (keys[0], keys[1])
         self.peer = state["peer"]
         self.connected_at = state["connected_at"]
         self.last_active = time.monotonic()
@@ -1490,8 +1551,18 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self._counted = bool(state.get("counted"))
         self.state = ACTIVE
         self.app.client_connected(self)
-        self._held = state["held"]
-        self._need_server(state["wait_since"])
+        server = self.server
+        if server is not None:  # handed over with its client (session mode, a pinned client)
+            server.client = self
+            server.last_client = self
+            if state.get("pinned"):
+                self._pinned = state["pinned"]
+                pool.pinned += 1
+            return
+        held = state["held"]
+        if held:
+            self._held = held
+            self._need_server(state["wait_since"])
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -1511,6 +1582,18 @@ _NO_REPLY_KINDS = frozenset(b"dcfH")
 _LOOK_FIRST = bytes(1 if kind in _NO_REPLY_KINDS or kind in b"XP" else 0 for kind in range(256))
 _RECEIVED, _FORWARDED, _INTO_COPY = 1, 2, 3  # ClientConn._terminating
 _MALFORMED_KIND = {66: BIND, 80: PARSE, 68: DESCRIBE, 67: CLOSE}
+
+
+def arrival_pool(app: App, state: dict[str, Any]) -> Pool | None:
+    """The pool a client moved from another worker or process (ClientConn.hand_over_state) joins:
+    a user auth_query found gets its pool made again from the secret that came along."""
+    pool = app.pool_for(state["database"], state["user"])
+    secret = state.get("lookup")
+    if pool is None and secret is not None and state["database"] in app.lookups:
+        user = (state.get("startup") or {}).get("user", state["user"])
+        answer = Answer(FOUND, parse_secret(secret, user), text=secret)
+        pool = app.looked_up_pool(state["database"], user, answer)
+    return pool
 
 
 def _whole_and_well_formed(held: bytes | bytearray) -> bool:

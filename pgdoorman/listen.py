@@ -19,13 +19,27 @@ BACKLOG = 4096
 ACCEPT_BATCH = 64  # connections accepted per wake-up before the loop serves others
 
 
-def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for every general.host address and the unix socket."""
+def _address(sock: socket.socket) -> tuple[int, Any]:
+    name = sock.getsockname()
+    return sock.family, name if isinstance(name, str) else tuple(name[:2])
+
+
+def listening_sockets(g: GeneralConfig, inherited: list[socket.socket] | None = None) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every general.host address and the unix socket.
+    inherited: the listening sockets of the pooler an upgrade takes over from; one already bound to
+    an address is used as it is (it never stopped listening), the others are closed."""
     socks: list[socket.socket] = []
+    handed = {_address(sock): sock for sock in inherited or ()}
     try:
         for host in g.host:
             infos = socket.getaddrinfo(host or None, g.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             for family, kind, proto, _name, addr in dict.fromkeys(infos):
+                same = handed.pop((family, tuple(addr[:2])), None)
+                if same is not None:
+                    tune(same, g)
+                    socks.append(same)
+                    log.info("listening on %s:%d (taken over)", addr[0], addr[1])
+                    continue
                 sock = socket.socket(family, kind, proto)
                 socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -34,8 +48,12 @@ def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
                 tune(sock, g)  # keepalive and TCP_USER_TIMEOUT: inherited by accepted sockets
                 sock.bind(addr)
                 log.info("listening on %s:%d", addr[0], addr[1])
-        if g.unix_socket_dir:
-            path = os.path.join(g.unix_socket_dir, f".s.PGSQL.{g.port}")
+        path = os.path.join(g.unix_socket_dir, f".s.PGSQL.{g.port}") if g.unix_socket_dir else ""
+        same = handed.pop((socket.AF_UNIX, path), None) if path else None
+        if same is not None:  # (never unlinked: clients connect to it throughout)
+            socks.append(same)
+            log.info("listening on unix socket %s (taken over)", path)
+        elif path:
             if os.path.exists(path):
                 os.unlink(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -50,6 +68,10 @@ def listening_sockets(g: GeneralConfig) -> list[socket.socket]:
         for sock in socks:
             sock.close()
         raise
+    finally:
+        for sock in handed.values():  # addresses the new config no longer has
+            log.info("no longer listening on %s", sock.getsockname())
+            sock.close()
     return socks
 
 
@@ -63,7 +85,7 @@ class Listener(asyncio.AbstractServer):
 
     def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], guard: FdGuard) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sock = sock
+        self.sock = sock
         self._factory = factory
         self._guard = guard
         self._tcp = sock.family != socket.AF_UNIX
@@ -74,13 +96,13 @@ class Listener(asyncio.AbstractServer):
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _addr = self._sock.accept()
+                conn, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in OUT_OF_FDS:
-                    if not self._guard.refuse_waiting(self._sock, exc):
-                        self._loop.remove_reader(self._sock.fileno())
+                    if not self._guard.refuse_waiting(self.sock, exc):
+                        self._loop.remove_reader(self.sock.fileno())
                         self._loop.call_later(PAUSE, self._resume)
                 else:  # ECONNABORTED and the like: that client's problem, not the listener's
                     log.info("accept failed: %s", exc)
@@ -101,13 +123,13 @@ class Listener(asyncio.AbstractServer):
 
     def _resume(self) -> None:
         if self._serving:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._loop.add_reader(self.sock.fileno(), self._accept)
 
     def close(self) -> None:
         if self._serving:
             self._serving = False
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -126,7 +148,7 @@ class Listener(asyncio.AbstractServer):
 
 
 async def serve_on(socks: list[socket.socket],
-                   factory: Callable[[], asyncio.Protocol]) -> list[asyncio.AbstractServer]:
+                   factory: Callable[[], asyncio.Protocol]) -> list[Listener]:
     """Listeners (accepting at once) on sockets from listening_sockets(), sharing one spare descriptor."""
     guard = FdGuard()
     return [Listener(sock, factory, guard) for sock in socks]

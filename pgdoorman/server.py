@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import time
@@ -147,7 +148,7 @@ class ServerConn(ServerState, asyncio.Protocol):
         "session_reset", "settings", "settings_dirty", "settings_unknown", "statements", "tracked",
         "transport",
         "_rows", "_rows_done", "times", "acc", "hist", "stats", "generation", "checking",
-        "tls", "_tls_state", "_cbind",
+        "tls", "_tls_state", "_cbind", "_adopted",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -213,11 +214,14 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.tls: ssl.SSLObject | None = None  # its TLS session (backend/tls.py)
         self._tls_state = _NO_TLS
         self._cbind: bytes | None = None  # the server certificate's tls-server-end-point
+        self._adopted = False  # logged in by an older pooler, which handed it over (upgrade)
 
     # --- handshake ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._adopted:  # logged in already, idle: nothing to send
+            return
         if self._tls_state == _TLS_HANDSHAKE:  # the SSL protocol: the handshake is done
             self._tls_on()
             return
@@ -855,6 +859,60 @@ class ServerConn(ServerState, asyncio.Protocol):
         self.unnamed_owner = None  # a simple Query drops the unnamed statement
         self.pending.append(HIDDEN_QUERY)
         self.transport.write(m.query(sql))
+
+    # --- handed over by an upgrade (process/upgrade.py) ---
+
+    def movable(self) -> bool:
+        """Idle between transactions with nothing owed, half read or half written, and its link
+        in clear text (a TLS session lives in this process): its socket can go to a successor."""
+        return (not self.closed and not self._handshaking and self.tls is None and self.status == _STATUS_IDLE
+                and not (self.pending or self.unsynced or self.skipping or self.copy_in or self.doubt)
+                and not self._partial and not self._skip and not self.cancels_in_flight
+                and self.on_idle is None and self._rows_done is None and self.transport is not None
+                and not self.transport.get_write_buffer_size())
+
+    def export(self) -> dict[str, Any]:
+        """What a successor's ServerConn.adopted() continues from."""
+        return {
+            "id": self.id, "pid": self.backend_pid, "key": self.backend_key, "params": self.params,
+            "created": self.created, "listening": self.listening, "loaded": self.loaded,
+            "session_reset": self.session_reset, "settings": self.settings, "prepared_sql": self.prepared_sql,
+            "sequences_used": self.sequences_used, "settings_unknown": self.settings_unknown,
+        }
+
+    def detach(self) -> int:
+        """Stop using the connection without ending it: a duplicate of its fd (movable() held)."""
+        assert self.transport is not None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        self.closed = True
+        self._handshaking = True  # close() sends no Terminate: the backend goes on, elsewhere
+        log.info("%s: %s handed over with its client (backend pid %d)", self.id, self.pool.name,
+                 self.backend_pid)
+        self.transport.close()
+        self.pool.on_server_closed(self)
+        return fd
+
+    @classmethod
+    def adopted(cls, pool: Pool, state: dict[str, Any]) -> ServerConn:
+        """An older pooler's logged-in, idle server connection (export()); connect its socket to
+        this object with loop.connect_accepted_socket."""
+        server = cls(pool)
+        server.id = state["id"]
+        server._adopted = True
+        server._handshaking = False
+        server.backend_pid, server.backend_key = state["pid"], state["key"]
+        server.params = dict(state["params"])
+        server.tracked = tracked_values(server.params)
+        server.created = state["created"]
+        server.listening = state["listening"]
+        server.loaded = state["loaded"]
+        server.session_reset = state["session_reset"]
+        server.settings = tuple((name, value) for name, value in state["settings"])
+        server.prepared_sql = tuple((name, text) for name, text in state["prepared_sql"])
+        server.sequences_used = state["sequences_used"]
+        server.settings_unknown = state["settings_unknown"]
+        server.ready.set_result(None)
+        return server
 
     def close(self, why: str) -> None:
         if self.closed:

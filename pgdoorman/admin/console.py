@@ -50,6 +50,7 @@ _CONTROL = (
     "wait_close",
     "reload",
     "shutdown",
+    "upgrade",
     "set",
 )
 _NEEDS_DB = ("disable", "enable", "kill_client")
@@ -315,6 +316,17 @@ class AdminConn(asyncio.Protocol):
             log.info("%s: SHUTDOWN %s from the console", self.id, mode)
             await self.app.ask({"op": "shutdown", "mode": mode})
             return m.message(b"C", b"SHUTDOWN\0")
+        if verb == "upgrade":
+            if words:
+                raise ConsoleError(codes.SYNTAX_ERROR, "UPGRADE takes no argument")
+            log.info("%s: UPGRADE from the console", self.id)
+            results = await self.app.ask({"op": "upgrade"})
+            self._raise_failed(results, codes.OBJECT_NOT_IN_PREREQUISITE_STATE, "UPGRADE failed: ")
+            pid = next((r["pid"] for r in results if isinstance(r, dict) and "pid" in r), 0)
+            note = (f"the new process (pid {pid}) serves; clients move to it between transactions, and "
+                    "this console session ends with the old process")
+            return (m.message(b"N", b"SNOTICE\0VNOTICE\0C00000\0M" + note.encode() + b"\0\0")
+                    + m.message(b"C", b"UPGRADE\0"))
         if verb == "reload":
             if words:
                 raise ConsoleError(codes.SYNTAX_ERROR, "RELOAD takes no argument")

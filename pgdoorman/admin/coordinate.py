@@ -82,6 +82,8 @@ async def single(app: App, request: dict[str, Any]) -> list[Any]:
     if op == "shutdown":
         asyncio.get_running_loop().call_soon(app.begin_shutdown, request["mode"])  # after the answer
         return [True]
+    if op == "upgrade":
+        return [await app.upgrade()]
     return [await app.answer(request)]
 
 

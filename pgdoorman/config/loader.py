@@ -333,6 +333,7 @@ def _general(root: _Table) -> GeneralConfig:
         host=g.hosts("host", d.host),
         port=g.integer("port", d.port, lo=1, hi=65535),
         unix_socket_dir=g.string("unix_socket_dir", d.unix_socket_dir),
+        pidfile=g.string("pidfile", d.pidfile),
         pool_mode=g.enum("pool_mode", d.pool_mode, POOL_MODES),
         max_client_conn=g.integer("max_client_conn", d.max_client_conn, lo=1),
         server_connect_timeout=g.duration("server_connect_timeout", d.server_connect_timeout),

@@ -22,7 +22,7 @@ CHANNEL_BINDINGS = ("disable", "prefer", "require")
 # Keys whose values are sizes in bytes (config/sizes.py: "1MB" or a number of bytes)
 SIZE_KEYS = ("max_message_size", "message_size_to_be_stream", "max_memory_usage")
 # Keys read only at start: a reload that changes them says they need a restart.
-RESTART_KEYS = ("host", "port", "unix_socket_dir", "workers", "log_format")
+RESTART_KEYS = ("host", "port", "unix_socket_dir", "workers", "log_format", "pidfile")
 
 
 class ConfigError(Exception):
@@ -110,6 +110,7 @@ class GeneralConfig:
     host: tuple[str, ...] = ("127.0.0.1",)
     port: int = 6432
     unix_socket_dir: str = ""  # "" = no unix socket
+    pidfile: str = ""  # written at start (and by an upgrade's successor); `pgdoorman upgrade` reads it
     pool_mode: str = "transaction"
     max_client_conn: int = 5000
     server_connect_timeout: float = 3.0

@@ -301,7 +301,8 @@ class Probe(StandIn):
         self._saved = server.settings
         server.hidden_error = None
         server.client = self
-        server.send_hidden("RESET ALL;" + set_config_sql(asked))
+        # (nothing asked: the pool has only servers an upgrade handed over, which told it nothing)
+        server.send_hidden("RESET ALL;" + set_config_sql(asked) if asked else "RESET ALL")
 
     def on_ready(self, status: int) -> None:
         server = self._server

@@ -8,6 +8,7 @@ channels like a console SHOW, so it never blocks the loop and never touches the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,7 @@ log = logging.getLogger("pgdoorman.metrics")
 Ask = Callable[[dict[str, Any]], Awaitable[list[Any]]]
 READ_TIMEOUT = 10.0
 MAX_REQUEST = 8192
+RETRY_BIND = 0.1
 
 
 class MetricsServer:
@@ -30,8 +32,17 @@ class MetricsServer:
         self._stopping = stopping
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+    async def start(self, host: str, port: int, wait: bool = False) -> None:
+        """wait: the port is still the old pooler's of an upgrade, which frees it once this one
+        serves: try again until it is free."""
+        while True:
+            try:
+                self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
+                break
+            except OSError as exc:
+                if not (wait and exc.errno == errno.EADDRINUSE):
+                    raise
+                await asyncio.sleep(RETRY_BIND)
         log.info("metrics on http://%s:%d/metrics (and /health)", host, port)
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ QUERY_CANCELED = "57014"
 TRANSACTION_TIMEOUT = "25P04"  # PostgreSQL 17's transaction_timeout
 FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
+# A client the old process of an upgrade could not hand over before shutdown_timeout (process/upgrade.py)
+NOT_HANDED_OVER = "58006"
 IDLE_SESSION_TIMEOUT = "57P05"
 IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 INTERNAL_ERROR = "XX000"

@@ -1,0 +1,1 @@
+"""Process-level concerns: the pidfile, and the zero-downtime upgrade (upgrade.py)."""

@@ -1,0 +1,268 @@
+"""Issue 13: zero-downtime upgrade. SIGUSR2, the console's UPGRADE, or `pgdoorman upgrade` start the
+program on disk, pass it the listening sockets, and hand every client over at its next idle point,
+with its settings, prepared statements, cancel key, and in session mode its server. Here the
+checkout upgrades to itself, with one process and with two workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from helpers import REPO_ROOT, pconnect, pool_config, wait_until
+from test_admin import ADMIN_PASSWORD, aconnect
+
+WORKERS = [1, 2]
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # (a zombie child of the test counts as gone: reap it)
+    with contextlib.suppress(ChildProcessError):
+        done, _status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False
+    return True
+
+
+class Upgradable:
+    """A pooler started by the tests' launcher, followed through its upgrades by its pidfile."""
+
+    def __init__(self, pooler, pidfile: Path) -> None:
+        self.p = pooler
+        self.pidfile = pidfile
+        assert wait_until(lambda: _pid(pidfile) is not None), "no pidfile"
+        self.pid = _pid(pidfile)
+        assert self.pid == pooler.proc.pid
+
+    def upgrade(self, how: str = "signal") -> int:
+        """Upgrade; returns the new pid once it serves (the old one may still be handing over)."""
+        old = self.pid
+        assert old is not None
+        if how == "signal":
+            os.kill(old, signal.SIGUSR2)
+        elif how == "console":
+            with aconnect(self.p) as admin:
+                notices: list[str] = []
+                admin.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+                admin.execute("UPGRADE")
+                assert any("serves" in n for n in notices), notices
+        else:
+            env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+            command = [sys.executable, "-m", "pgdoorman", "upgrade", "-c", str(self.p.config_path)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert wait_until(lambda: _pid(self.pidfile) not in (None, old), timeout=60), (
+            "no new process:\n" + self.p.log())
+        self.pid = _pid(self.pidfile)
+        assert self.pid != old
+        return old
+
+    def wait_gone(self, pid: int, timeout: float = 30) -> None:
+        assert wait_until(lambda: not _alive(pid), timeout=timeout), (
+            f"old process {pid} still running:\n{self.p.log()}")
+
+    def stop(self) -> None:
+        pid = _pid(self.pidfile)
+        for candidate in {pid, self.p.proc.pid} - {None}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(candidate, signal.SIGQUIT)  # type: ignore[arg-type]
+        if pid is not None:
+            wait_until(lambda: not _alive(pid), timeout=10)
+
+
+@pytest.fixture
+def upgradable(start_pooler, tmp_path):
+    made: list[Upgradable] = []
+
+    def make(workers: int, pools=None, **general) -> Upgradable:
+        pidfile = tmp_path / f"pgdoorman-{len(made)}.pid"
+        gen = {"admin_password": ADMIN_PASSWORD, "workers": workers, "pidfile": str(pidfile),
+               "shutdown_timeout": "20s", **general}
+        pools = pools or (pool_config("tx", "transaction", pool_size=2, query_wait_timeout="20s")
+                          | pool_config("sess", "session", pool_size=2))
+        up = Upgradable(start_pooler(pools, gen), pidfile)
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_session_keeps_its_settings_statements_and_cancel(upgradable, workers):
+    up = upgradable(workers)
+    conn = pconnect(up.p, autocommit=True)
+    conn.execute("SET TimeZone = 'Asia/Tokyo'")
+    conn.execute("SET application_name = 'before-upgrade'")
+    conn.execute("SET statement_timeout = '123s'")
+    assert conn.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+    conn.execute("PREPARE sqlplan AS SELECT 40 + $1")
+    key = conn.pgconn.backend_pid
+    old = up.upgrade()
+    assert conn.execute("SELECT 1").fetchone() == (1,)  # its next transaction moves it
+    up.wait_gone(old)
+    assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+    assert conn.execute("SHOW application_name").fetchone() == ("before-upgrade",)
+    assert conn.execute("SHOW statement_timeout").fetchone() == ("123s",)
+    assert conn.execute("SELECT %s::int + 1", (41,), prepare=True).fetchone() == (42,)
+    assert conn.execute("EXECUTE sqlplan(2)").fetchone() == (42,)
+    assert conn.pgconn.backend_pid == key  # the same cancel key (its pid part)
+    # A cancel now goes to the new process, which forwards it to this client's server.
+    timer = threading.Timer(0.5, conn.cancel)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(20)")
+    timer.join()
+    assert time.monotonic() - started < 10
+    assert conn.execute("SELECT 2").fetchone() == (2,)
+    # and a second upgrade, from the new process, works the same way
+    older = up.upgrade("console" if workers == 1 else "command")
+    assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
+    up.wait_gone(older)
+    assert conn.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+    conn.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_transaction_commits_on_the_old_process_then_moves(upgradable, workers):
+    up = upgradable(workers)
+    setup = pconnect(up.p, autocommit=True)
+    setup.execute("DROP TABLE IF EXISTS upgrade_tx")
+    setup.execute("CREATE TABLE upgrade_tx (n int)")
+    conn = pconnect(up.p, autocommit=False)
+    conn.execute("INSERT INTO upgrade_tx VALUES (1)")  # a transaction is open
+    old = up.upgrade()
+    time.sleep(0.5)
+    assert _alive(old), "the old process left while a transaction was open"
+    conn.execute("INSERT INTO upgrade_tx VALUES (2)")
+    conn.commit()
+    up.wait_gone(old)
+    assert conn.execute("SELECT count(*) FROM upgrade_tx").fetchone() == (2,)
+    conn.commit()
+    assert setup.execute("SELECT count(*) FROM upgrade_tx").fetchone() == (2,)
+    setup.execute("DROP TABLE upgrade_tx")
+    conn.close()
+    setup.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_cancel_reaches_a_query_still_on_the_old_process(upgradable, workers):
+    up = upgradable(workers)
+    conn = pconnect(up.p, autocommit=False)
+    conn.execute("SELECT 1")  # a transaction is open: it stays on the old process until it ends
+    errors: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    runner = threading.Thread(target=sleep)
+    runner.start()
+    time.sleep(0.3)
+    old = up.upgrade()
+    assert _alive(old)
+    conn.cancel()  # reaches the new process, which passes it back to the old one
+    runner.join(timeout=10)
+    assert not runner.is_alive(), "the cancel did not reach the query"
+    assert errors and isinstance(errors[0], psycopg.errors.QueryCanceled), errors
+    conn.rollback()
+    assert conn.execute("SELECT 3").fetchone() == (3,)
+    conn.commit()
+    up.wait_gone(old)
+    assert conn.execute("SELECT 4").fetchone() == (4,)
+    conn.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_session_client_keeps_its_server_and_temp_table(upgradable, workers):
+    up = upgradable(workers)
+    conn = pconnect(up.p, dbname="sess", autocommit=True)
+    backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+    conn.execute("CREATE TEMP TABLE upgrade_temp AS SELECT 7 AS n")
+    conn.execute("PREPARE own AS SELECT n FROM upgrade_temp")
+    old = up.upgrade()
+    up.wait_gone(old)
+    assert conn.execute("SELECT pg_backend_pid()").fetchone() == backend
+    assert conn.execute("SELECT n FROM upgrade_temp").fetchone() == (7,)
+    assert conn.execute("EXECUTE own").fetchone() == (7,)
+    conn.close()
+    # the pool goes on: a new session client gets a clean server
+    other = pconnect(up.p, dbname="sess", autocommit=True)
+    assert other.execute("SELECT count(*) FROM pg_class WHERE relname = 'upgrade_temp'").fetchone() == (0,)
+    other.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_broken_config_on_disk_aborts_the_upgrade(upgradable, workers):
+    up = upgradable(workers)
+    conn = pconnect(up.p, autocommit=True)
+    conn.execute("SET TimeZone = 'UTC'")
+    good = up.p.config_path.read_text()
+    up.p.config_path.write_text(good + "\n[general]\nno_such_key = 1\n")
+    with aconnect(up.p) as admin, pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as failed:
+        admin.execute("UPGRADE")
+    assert "check" in str(failed.value), failed.value
+    os.kill(up.pid, signal.SIGUSR2)  # the signal: refused the same way, in the log
+    assert wait_until(lambda: up.p.log().count("upgrade failed, serving on") >= 2, timeout=60), up.p.log()
+    assert _pid(up.pidfile) == up.pid and _alive(up.pid)
+    assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
+    fresh = pconnect(up.p)
+    assert fresh.execute("SELECT 5").fetchone() == (5,)
+    fresh.close()
+    up.p.config_path.write_text(good)
+    old = up.upgrade()
+    up.wait_gone(old)
+    assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
+    conn.close()
+
+
+def test_listening_never_stops(upgradable):
+    """Connections opened in a loop throughout an upgrade all log in and answer."""
+    up = upgradable(1)
+    stop = threading.Event()
+    failures: list[str] = []
+    count = [0]
+
+    def connect_loop() -> None:
+        while not stop.is_set():
+            try:
+                with pconnect(up.p, autocommit=True) as c:
+                    c.execute("SELECT 1")
+                count[0] += 1
+            except psycopg.Error as exc:
+                failures.append(str(exc))
+
+    threads = [threading.Thread(target=connect_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    old = up.upgrade()
+    up.wait_gone(old)
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:5]
+    assert count[0] > 20
