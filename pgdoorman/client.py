@@ -1513,6 +1513,9 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         pool.cancel_wait(self)
         pool.clients -= 1
         self.app.cancels.unregister(self)
+        if self._charged or self._charged_out or self._charged_srv:  # (what it held goes with it)
+            self.app.memory.change(-self._charged - self._charged_out - self._charged_srv)
+            self._charged = self._charged_out = self._charged_srv = 0
         return state
 
     def _arrive(self, state: dict[str, Any]) -> None:
@@ -1552,12 +1555,19 @@ class ClientConn(StatementMapping, asyncio.Protocol):
         self.state = ACTIVE
         self.app.client_connected(self)
         server = self.server
+        if "server" in state and (server is None or server.closed):
+            self.fatal(codes.NOT_HANDED_OVER, "its server connection was lost while the pooler was upgraded")
+            return
         if server is not None:  # handed over with its client (session mode, a pinned client)
             server.client = self
             server.last_client = self
-            if state.get("pinned"):
-                self._pinned = state["pinned"]
+            pinned = state.get("pinned") or ("" if pool.mode == SESSION
+                                             else "a session begun in session mode")
+            if pinned:  # (a pool now in transaction mode: it keeps its server until it holds nothing)
+                self._pinned = pinned
                 pool.pinned += 1
+                server.session_reset = "DISCARD ALL"
+                server.settings_dirty = pool.mode != SESSION
             return
         held = state["held"]
         if held:

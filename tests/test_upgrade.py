@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,8 @@ import psycopg
 import pytest
 from helpers import REPO_ROOT, pconnect, pool_config, wait_until
 from test_admin import ADMIN_PASSWORD, aconnect
+
+from pgdoorman.devcluster import free_port
 
 WORKERS = [1, 2]
 
@@ -266,3 +269,115 @@ def test_listening_never_stops(upgradable):
         t.join()
     assert not failures, failures[:5]
     assert count[0] > 20
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_pgbench_through_two_upgrades_loses_nothing(pg, upgradable, workers, tmp_path):
+    """32 clients over 2 servers, so most are waiting at any moment: waiting clients move with
+    their request, the others between transactions. pgbench aborts a client on any error."""
+    from test_core_pgbench import processed_and_failed
+
+    up = upgradable(workers)
+    script = tmp_path / "tx.sql"
+    script.write_text("\\set n random(1, 1000)\nBEGIN;\nSELECT :n;\nSELECT :n + 1;\nEND;\n")
+    env = dict(os.environ, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
+    argv = [pg.tool("pgbench"), "-h", up.p.host, "-p", str(up.p.port), "-U", "trust_user", "-n",
+            "-c", "32", "-j", "2", "-T", "7", "-M", "prepared", "-f", str(script), "tx"]
+    bench = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        time.sleep(1.5)
+        first = up.upgrade()
+        up.wait_gone(first)
+        second = up.upgrade()
+        up.wait_gone(second)
+        out, _ = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 0, out
+    processed, failed = processed_and_failed(out)
+    assert failed == 0 and processed > 100, out
+    assert "aborted" not in out, out
+    assert "closing because" not in "".join(
+        line for line in up.p.log().splitlines(keepends=True) if "error" in line), up.p.log()
+
+
+def test_tls_and_listen_clients_drain_then_get_58006(upgradable, tmp_path):
+    """A TLS session lives in the old process, and a LISTEN would miss notifications while it
+    moved: those clients stay on the old process, served as before, until shutdown_timeout."""
+    from tlscerts import CertAuthority
+
+    ca = CertAuthority(tmp_path / "ca")
+    server = ca.issue("server", "localhost", server=True)
+    up = upgradable(1, tls_mode="prefer", tls_certificate=str(server.cert),
+                    tls_private_key=str(server.key), shutdown_timeout="3s")
+    secure = psycopg.connect(up.p.dsn(sslmode="require"), autocommit=True)
+    assert secure.pgconn.ssl_in_use
+    listening = pconnect(up.p)
+    listening.execute("LISTEN upgrade_channel")
+    plain = pconnect(up.p)
+    plain.execute("SELECT 1")
+    old = up.upgrade()
+    assert plain.execute("SELECT 2").fetchone() == (2,)
+    assert secure.execute("SELECT 3").fetchone() == (3,)  # still served by the old process
+    plain.execute("NOTIFY upgrade_channel, 'still here'")
+    assert wait_until(lambda: bool(list(listening.notifies(timeout=0.2, stop_after=1))), timeout=5)
+    up.wait_gone(old, timeout=20)
+    for conn in (secure, listening):
+        with pytest.raises(psycopg.OperationalError) as cut:
+            conn.execute("SELECT 4")
+        assert "handed over" in str(cut.value) or conn.closed, cut.value
+    assert "58006" in up.p.log()
+    assert plain.execute("SELECT 5").fetchone() == (5,)
+    fresh = psycopg.connect(up.p.dsn(sslmode="require"), autocommit=True)  # the new process does TLS
+    assert fresh.execute("SELECT 6").fetchone() == (6,)
+    for conn in (fresh, plain, secure, listening):
+        conn.close()
+
+
+def test_restart_only_keys_change_by_upgrade(upgradable):
+    """workers and the port need a restart: an upgrade is one that keeps every client."""
+    up = upgradable(1)
+    conn = pconnect(up.p)
+    conn.execute("SET TimeZone = 'Europe/Paris'")
+    new_port = free_port(up.p.host)
+    text = up.p.config_path.read_text()
+    text = text.replace(f"port = {up.p.port}", f"port = {new_port}").replace("workers = 1", "workers = 2")
+    up.p.config_path.write_text(text)
+    old = up.upgrade()
+    up.wait_gone(old)
+    assert conn.execute("SHOW TimeZone").fetchone() == ("Europe/Paris",)  # moved, its socket too
+    with psycopg.connect(up.p.dsn(), port=new_port, autocommit=True) as c:
+        assert c.execute("SELECT 7").fetchone() == (7,)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(up.p.dsn(), connect_timeout=2)  # the old port is no longer listened on
+    admin_dsn = f"host={up.p.host} port={new_port} dbname=pgdoorman user=admin password={ADMIN_PASSWORD}"
+    admin = psycopg.connect(admin_dsn, autocommit=True, cursor_factory=psycopg.ClientCursor)
+    assert len(admin.execute("SHOW WORKERS").fetchall()) == 2
+    admin.close()
+    conn.close()
+
+
+def test_sd_notify_follows_the_new_process(upgradable, tmp_path, monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    up = upgradable(2)
+    messages: list[str] = []
+
+    def until(word: str) -> str:
+        while True:
+            data = sock.recv(4096).decode()
+            messages.append(data)
+            if word in data:
+                return data
+
+    until("READY=1")
+    old = up.upgrade()
+    told = until("MAINPID=")
+    assert f"MAINPID={up.pid}" in told, messages
+    up.wait_gone(old)
+    assert not any("STOPPING=1" in message for message in messages), messages
+    sock.close()
