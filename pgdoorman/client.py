@@ -1568,6 +1568,8 @@ class ClientConn(StatementMapping, asyncio.Protocol):
                 pool.pinned += 1
                 server.session_reset = "DISCARD ALL"
                 server.settings_dirty = pool.mode != SESSION
+            if server.transport is not None:
+                server.transport.resume_reading()  # (paused since it was adopted: ServerConn.adopted)
             return
         held = state["held"]
         if held:

@@ -220,7 +220,8 @@ class ServerConn(ServerState, asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        if self._adopted:  # logged in already, idle: nothing to send
+        if self._adopted:  # logged in already, idle: read nothing until its client is here too
+            self.transport.pause_reading()  # (a notification then reaches the client, not the void)
             return
         if self._tls_state == _TLS_HANDSHAKE:  # the SSL protocol: the handshake is done
             self._tls_on()

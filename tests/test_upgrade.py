@@ -205,11 +205,16 @@ def test_a_session_client_keeps_its_server_and_temp_table(upgradable, workers):
     backend = conn.execute("SELECT pg_backend_pid()").fetchone()
     conn.execute("CREATE TEMP TABLE upgrade_temp AS SELECT 7 AS n")
     conn.execute("PREPARE own AS SELECT n FROM upgrade_temp")
+    conn.execute("LISTEN sess_channel")  # the backend listens: it moves with its server
     old = up.upgrade()
     up.wait_gone(old)
     assert conn.execute("SELECT pg_backend_pid()").fetchone() == backend
     assert conn.execute("SELECT n FROM upgrade_temp").fetchone() == (7,)
     assert conn.execute("EXECUTE own").fetchone() == (7,)
+    with pconnect(up.p) as other:
+        other.execute("NOTIFY sess_channel, 'after'")
+    heard = list(conn.notifies(timeout=5, stop_after=1))
+    assert [n.payload for n in heard] == ["after"]
     conn.close()
     # the pool goes on: a new session client gets a clean server
     other = pconnect(up.p, dbname="sess", autocommit=True)
@@ -381,3 +386,90 @@ def test_sd_notify_follows_the_new_process(upgradable, tmp_path, monkeypatch):
     up.wait_gone(old)
     assert not any("STOPPING=1" in message for message in messages), messages
     sock.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_pass_through_and_auth_query_users_move(pg, upgradable, workers):
+    """Their secrets are not in the config: the SCRAM keys a pass-through client proved, and the
+    secret auth_query found, move with them, so the new process logs in to servers for them."""
+    from test_auth_query import _pool as lookup_pool
+    from test_passthrough import _pools as passthrough_pools
+    from test_passthrough import _verifier
+
+    pools = passthrough_pools(pg, _verifier(pg, "scram_user")) | lookup_pool(pg)
+    up = upgradable(workers, pools=pools)
+    through = psycopg.connect(up.p.dsn("tx", "scram_user"), autocommit=True)
+    looked_up = psycopg.connect(up.p.dsn("aq", "md5_user"), autocommit=True)
+    for conn in (through, looked_up):
+        conn.execute("SET application_name = 'moved'")
+    old = up.upgrade()
+    for conn in (through, looked_up):
+        conn.execute("SELECT 1")
+    up.wait_gone(old)
+    # new servers: the ones of the old process are gone, and these clients are the only proof
+    assert through.execute("SELECT current_user, current_setting('application_name')").fetchone() == (
+        "scram_user", "moved")
+    assert looked_up.execute("SELECT current_user, current_setting('application_name')").fetchone() == (
+        "md5_user", "moved")
+    through.close()
+    looked_up.close()
+
+
+def test_clients_see_only_their_own_state_through_upgrades(pg, upgradable):
+    """An attacker's view: 24 asyncpg clients (prepared statements, transactions) over 3 servers and
+    4 session clients, each checking in every transaction that it sees its own setting, its own
+    rows and its own temp table, while the pooler (two workers) is upgraded twice."""
+    import asyncio
+
+    import asyncpg
+
+    up = upgradable(2, pools=pool_config("tx", "transaction", pool_size=3, query_wait_timeout="30s")
+                    | pool_config("sess", "session", pool_size=4))
+    pg.psql("DROP TABLE IF EXISTS upgrade_rows; CREATE TABLE upgrade_rows (client int, n int); "
+            "GRANT ALL ON upgrade_rows TO PUBLIC", db="testdb")
+    stop = asyncio.Event()
+    done: dict[str, int] = {}
+
+    async def tx_client(i: int) -> None:
+        conn = await asyncpg.connect(up.p.url("tx"))
+        await conn.execute(f"SET myapp.client = '{i}'")
+        check = await conn.prepare("SELECT $1::int AS n, current_setting('myapp.client') AS me")
+        n = 0
+        while not stop.is_set():
+            n += 1
+            async with conn.transaction():
+                await conn.execute("INSERT INTO upgrade_rows VALUES ($1, $2)", i, n)
+                row = await check.fetchrow(n)
+                assert (row["n"], row["me"]) == (n, str(i)), (i, n, row)
+                mine = await conn.fetchval("SELECT count(*) FROM upgrade_rows WHERE client = $1", i)
+                assert mine == n, (i, n, mine)
+        done[f"tx{i}"] = n
+        await conn.close()
+
+    async def session_client(i: int) -> None:
+        conn = await asyncpg.connect(up.p.url("sess"))
+        backend = await conn.fetchval("SELECT pg_backend_pid()")
+        await conn.execute(f"CREATE TEMP TABLE mine AS SELECT {i} AS me")
+        n = 0
+        while not stop.is_set():
+            n += 1
+            assert await conn.fetchval("SELECT me FROM mine") == i
+            assert await conn.fetchval("SELECT pg_backend_pid()") == backend
+            await asyncio.sleep(0.01)
+        done[f"s{i}"] = n
+        await conn.close()
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(tx_client(i)) for i in range(24)]
+        tasks += [asyncio.create_task(session_client(i)) for i in range(4)]
+        await asyncio.sleep(1.0)
+        for _ in range(2):
+            old = await asyncio.to_thread(up.upgrade)
+            await asyncio.to_thread(up.wait_gone, old)
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    assert len(done) == 28 and min(done.values()) > 3, done
+    assert "error" not in "".join(line for line in up.p.log().splitlines() if " ERROR " in line)
