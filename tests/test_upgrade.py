@@ -473,3 +473,22 @@ def test_clients_see_only_their_own_state_through_upgrades(pg, upgradable):
     asyncio.run(run())
     assert len(done) == 28 and min(done.values()) > 3, done
     assert "error" not in "".join(line for line in up.p.log().splitlines() if " ERROR " in line)
+
+
+def test_a_copy_in_progress_finishes_on_the_old_process(upgradable):
+    up = upgradable(1)
+    conn = pconnect(up.p)
+    conn.execute("DROP TABLE IF EXISTS upgrade_copy")
+    conn.execute("CREATE TABLE upgrade_copy (n int)")
+    with conn.cursor() as cur, cur.copy("COPY upgrade_copy FROM STDIN") as copy:
+        for n in range(1000):
+            copy.write_row((n,))
+        old = up.upgrade()
+        time.sleep(0.3)
+        assert _alive(old)
+        for n in range(1000, 2000):
+            copy.write_row((n,))
+    up.wait_gone(old)
+    assert conn.execute("SELECT count(*), sum(n) FROM upgrade_copy").fetchone() == (2000, sum(range(2000)))
+    conn.execute("DROP TABLE upgrade_copy")
+    conn.close()
