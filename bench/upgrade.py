@@ -98,7 +98,7 @@ class CaseResult:
     closing_reasons: dict[str, int] = field(default_factory=dict)
     closing_at_end: int = 0  # those left out
     closing_client_lines: list[str] = field(default_factory=list)  # the clients' ones, as logged
-    log_problems: list[str] = field(default_factory=list)  # WARNING/ERROR/Traceback lines
+    log_problems: list[str] = field(default_factory=list)  # WARNING/ERROR lines with their tracebacks
     upgrade_log: list[str] = field(default_factory=list)  # the pooler's upgrade lines
     inside: dict[str, float] = field(default_factory=dict)  # latency stats of tx ending in windows
     outside: dict[str, float] = field(default_factory=dict)
@@ -107,6 +107,13 @@ class CaseResult:
     served_after: str = ""  # a query through the pooler after the run
     error: str = ""  # the case could not run
     pooler_log_tail: list[str] = field(default_factory=list)  # its last lines, when the case failed
+    pooler_log_kept: str = ""  # where the whole pooler log was copied, when something went wrong
+
+    def anomalous(self) -> bool:
+        return bool(self.error or self.aborted_clients or self.failed or self.closing_clients
+                    or self.log_problems or not self.served_after.startswith("ok")
+                    or any(u.note or not u.pid_changed or u.workers_replaced is False or u.old_workers_left
+                           for u in self.upgrades))
 
 
 def latency_stats(latencies: list[int], seconds: float) -> dict[str, float]:
@@ -192,9 +199,12 @@ class Run:
 
     def query(self) -> str:
         assert self.cluster is not None and self.pooler is not None
-        out = subprocess.run([self.cluster.tool("psql"), "-h", self.pooler.host, "-p", str(self.pooler.port),
-                              "-U", USER, "-d", DATABASE, "-X", "-A", "-t", "-c", "SELECT 1"],
-                             capture_output=True, text=True, timeout=30)
+        try:
+            out = subprocess.run([self.cluster.tool("psql"), "-h", self.pooler.host, "-p",
+                                  str(self.pooler.port), "-U", USER, "-d", DATABASE, "-X", "-A", "-t",
+                                  "-c", "SELECT 1"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            return "failed: psql got no answer in 30 s"
         return "ok" if out.returncode == 0 and out.stdout.strip() == "1" else f"failed: {out.stderr.strip()}"
 
     def cleanup(self) -> None:
@@ -364,14 +374,20 @@ class Run:
         reasons: Counter[str] = Counter()
         with open(self.pooler.log_path, errors="replace") as f:
             lines = f.read().splitlines()
+        in_problem = False
         for line in lines:
-            if "WARNING" in line or "ERROR" in line or "Traceback" in line:
+            stamp = log_time(line)
+            if stamp is None:  # a traceback's lines follow the line that logged it
+                if in_problem:
+                    r.log_problems.append(line)
+                continue
+            in_problem = any(f" {level} " in line for level in ("WARNING", "ERROR", "CRITICAL"))
+            if in_problem:
                 r.log_problems.append(line)
             if "upgrade" in line or "hand" in line:
                 r.upgrade_log.append(line)
-            stamp = log_time(line)
             m = CLOSING.search(line)
-            if m is None or stamp is None or stamp < run_start - 0.001:
+            if m is None or stamp < run_start - 0.001:
                 continue
             if stamp > run_end:
                 r.closing_at_end += 1
@@ -384,13 +400,17 @@ class Run:
                 r.closing_client_lines.append(line)
             r.closing_servers += not client
         r.closing_reasons = dict(reasons)
-        r.log_problems = r.log_problems[:50]
+        r.log_problems = r.log_problems[:200]
         r.upgrade_log = r.upgrade_log[:200]
         r.closing_client_lines = r.closing_client_lines[:50]
 
 
 def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}s"
+
+
+def _n(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _ms(stats: dict[str, float]) -> str:
@@ -408,8 +428,8 @@ def table(results: list[CaseResult]) -> list[str]:
                        "| | | | | | | | | | |")
             continue
         ups = [u for u in r.upgrades if u.old_pid]
-        windows = ", ".join(f"{_s(u.window_s)[:-1]} @{u.signal_s:.1f}" for u in ups) or "—"
-        ready = ", ".join(_s(u.ready_s)[:-1] for u in ups) or "—"
+        windows = ", ".join(f"{_n(u.window_s)} @{u.signal_s:.1f}" for u in ups) or "—"
+        ready = ", ".join(_n(u.ready_s) for u in ups) or "—"
         changed = ", ".join(("yes" if u.pid_changed else "NO")
                             + ("" if u.workers_replaced in (None, True) else " (workers NOT replaced)")
                             for u in ups) or "—"
@@ -441,6 +461,8 @@ def notes(results: list[CaseResult]) -> list[str]:
         if not r.served_after.startswith("ok"):
             out.append(f"{who}: a query after the run: {r.served_after}")
         out += [f"{who}: pooler log: {line}" for line in r.log_problems[:5]]
+        if r.pooler_log_kept:
+            out.append(f"{who}: the pooler's log is kept in {r.pooler_log_kept}")
     return out
 
 
@@ -501,8 +523,14 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  failed: {run.result.error}")
                 status = 1
             finally:
-                if run.result.error and run.pooler is not None and run.pooler.log_path:
-                    run.result.pooler_log_tail = log_tail(run.pooler.log_path, 40).splitlines()
+                if run.pooler is not None and run.pooler.log_path and os.path.exists(run.pooler.log_path):
+                    if run.result.error:
+                        run.result.pooler_log_tail = log_tail(run.pooler.log_path, 40).splitlines()
+                    if run.result.anomalous():  # the log is in the temp dir cleanup removes
+                        os.makedirs(args.results_dir, exist_ok=True)
+                        kept = os.path.join(args.results_dir, f"upgrade-{timestamp}-{name}-w{workers}.log")
+                        shutil.copyfile(run.pooler.log_path, kept)
+                        run.result.pooler_log_kept = kept
                 run.cleanup()
             r = run.result
             results.append(r)

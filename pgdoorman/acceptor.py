@@ -83,6 +83,7 @@ class Worker:
     loads: dict[int, Load] = field(default_factory=dict)
     loads_at: float = 0.0
     caps: ClientCaps = field(default_factory=ClientCaps)  # its clients under the caps (limits.py)
+    dead: bool = False  # its channel failed: it has exited, and is reaped at the next tick
 
 
 class Acceptor:
@@ -90,6 +91,7 @@ class Acceptor:
         self.config = config
         self.generation = generation  # upgrades that led to this process (process/upgrade.py)
         self._successor: Successor | None = None  # an upgrade under way (old side)
+        self.handing_over = False  # the successor serves; the workers hand their clients over
         self.predecessor: Predecessor | None = None  # the old pooler handing over to this one
         self._started: set[int] = set()  # workers that said STARTED
         self.log_level: str | None = None  # the command line's --log-level, for the successor
@@ -153,7 +155,8 @@ class Acceptor:
         return sum(w.clients for w in self.workers) >= self.config.general.max_client_conn
 
     def _admit(self, sock: socket.socket) -> None:
-        worker = min(self.workers, key=lambda w: w.clients)
+        live = [w for w in self.workers if w.channel is not None and not w.dead] or self.workers
+        worker = min(live, key=lambda w: w.clients)
         self._send(worker, channel.pack(channel.NEW_CLIENT), sock)
 
     def _admit_or_refuse(self, sock: socket.socket) -> None:
@@ -197,13 +200,14 @@ class Acceptor:
         """A client for a worker (with the socket of the server it holds, handed over by an upgrade)."""
         socks = sock if isinstance(sock, list) else [sock]
         worker.clients += 1
-        if worker.backlog:
+        if worker.backlog or ((worker.channel is None or worker.dead) and not self.shutdown_mode):
+            # (a worker being restarted: its clients wait for it, flushed by _spawn)
             worker.backlog.append((message, socks))
             return
         if not self._try_send(worker, message, socks):
             worker.backlog.append((message, socks))
-            assert worker.channel is not None
-            asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
+            if worker.channel is not None and not worker.dead:
+                asyncio.get_running_loop().add_writer(worker.channel.fileno(), self._flush, worker)
 
     def _try_send(self, worker: Worker, message: bytes, socks: list[socket.socket] | None) -> bool:
         """False when the channel is full (try again when writable); else the sockets are handed
@@ -217,6 +221,13 @@ class Acceptor:
         except OSError as exc:
             if socks is None:
                 return True  # the worker is gone: its fan-outs are settled when it is reaped
+            if not self.shutdown_mode:
+                # It has exited and is not reaped yet: the client waits for its restart (_reap, _spawn)
+                log.info("worker %d is gone: a client waits for its restart (%s)", worker.index, exc)
+                worker.dead = True
+                if worker.channel is not None:
+                    asyncio.get_running_loop().remove_writer(worker.channel.fileno())
+                return False
             log.warning("client hand-over to worker %d failed: %s", worker.index, exc)
             worker.clients -= 1
         for sock in socks or ():
@@ -304,7 +315,8 @@ class Acceptor:
             log.error("upgrade refused: %s", why)
             return {"error": why}
         argv = program_argv(self.config.path if os.path.isfile(self.config.path) else None, self.log_level)
-        successor = Successor(argv, self.generation + 1, self._cancel_from_successor)
+        successor = Successor(argv, self.generation + 1, self._cancel_from_successor,
+                              self._successor_lost, self._moved_in)
         self._successor = successor
         try:
             await check_config(argv)
@@ -315,23 +327,56 @@ class Acceptor:
             log.error("upgrade failed, serving on: %s", exc)
             return {"error": str(exc)}
         loop = asyncio.get_running_loop()
-        for listener in self._listeners:
+        for listener in self._listeners:  # the successor accepts on them now (kept: _successor_lost)
             loop.remove_reader(listener.fileno())
-            listener.close()  # the successor accepts on the same sockets from now on
-        self._listeners = []
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        sdnotify.notify(f"MAINPID={pid}\nREADY=1\nSTATUS=upgraded to pid {pid}")
         log.info("upgrade: the new process (pid %d) serves; the workers hand %s over", pid,
                  self.status_line())
-        self.shutdown_mode = "upgraded"  # no worker is restarted; they exit once empty
+        self.handing_over = True  # no worker is restarted; they exit once empty (_supervise)
         timeout = self.config.general.shutdown_timeout
         self._shutdown_deadline = time.monotonic() + timeout + STOP_GRACE if timeout else 0.0
         for worker in self.workers:
             self._send_control(worker, [channel.pack(channel.HAND_OVER)])
-        self._stopped.set()
         return {"pid": pid}
+
+    def _hand_over_progress(self) -> None:
+        """Each tick of the hand-over: done once every worker has exited and the last clients they
+        passed on have gone to the successor; workers still there at the deadline are killed."""
+        running = [w for w in self.workers if w.proc is not None]
+        outbox = self._successor.outbox if self._successor is not None else None
+        if not running and not (outbox is not None and len(outbox)):
+            successor = self._successor
+            assert successor is not None
+            log.info("upgrade: every worker has handed its clients over; exiting")
+            if self._metrics is not None:
+                self._metrics.close()  # its port is the successor's to bind (it retries until free)
+                self._metrics = None
+            sdnotify.notify(f"MAINPID={successor.pid}\nREADY=1\nSTATUS=upgraded to pid {successor.pid}")
+            self.handing_over = False
+            self.shutdown_mode = "upgraded"
+            self._stopped.set()
+        elif self._shutdown_deadline and time.monotonic() >= self._shutdown_deadline:
+            for worker in running:
+                if worker.proc is not None and worker.proc.poll() is None:
+                    log.warning("worker %d did not finish its hand-over in time: killing it", worker.index)
+                    worker.proc.kill()
+
+    def _successor_lost(self) -> None:
+        """The new process died during the hand-over: serve on, with every worker (the ones that
+        had finished are started again)."""
+        if not self.handing_over:
+            return
+        log.error("upgrade: the new process died during the hand-over; this pooler serves on")
+        self.handing_over = False
+        self._successor = None
+        self._shutdown_deadline = 0.0
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.add_reader(listener.fileno(), self._accept, listener)
+        for worker in self.workers:
+            worker.restart_at = 0.0  # the ones that finished start again at the next tick
+            if worker.channel is not None:
+                self._send_control(worker, [channel.pack(channel.HAND_OVER, False)])
+        write_pidfile(self.config.general.pidfile)
 
     def _cancel_from_successor(self, initial: bytes, sock: socket.socket) -> None:
         """A CancelRequest the successor did not know: to the worker of its key."""
@@ -493,9 +538,8 @@ class Acceptor:
             if state.get("counted"):
                 source.caps.leave(state["user"], state["database"])
                 self.caps.leave(state["user"], state["database"])
-            if self._successor is None:
-                for sock in socks:
-                    sock.close()
+            if self._successor is None:  # it died: the client stays with this pooler
+                self._moved_in(message, [sock.detach() for sock in socks])
                 return
             self._successor.forward(message, [sock.detach() for sock in socks])
             return
@@ -587,13 +631,15 @@ class Acceptor:
         worker.channel = ours
         worker.started = time.monotonic()
         asyncio.get_running_loop().add_reader(ours.fileno(), self._receive, worker)
+        if worker.backlog:  # clients that came while it was being restarted
+            asyncio.get_running_loop().add_writer(ours.fileno(), self._flush, worker)
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
 
     def _reap(self, worker: Worker) -> None:
         """A worker died: its clients are gone with it; drop its channel and plan the restart."""
         assert worker.proc is not None
         loop = asyncio.get_running_loop()
-        if self.shutdown_mode:
+        if self.shutdown_mode or self.handing_over:
             log.info("worker %d (pid %d) stopped", worker.index, worker.proc.pid)
         else:
             log.error("worker %d (pid %d) exited with code %s; restarting it", worker.index, worker.proc.pid,
@@ -603,16 +649,21 @@ class Acceptor:
             loop.remove_writer(worker.channel.fileno())
             worker.channel.close()
             worker.channel = None
+        # Clients not yet passed wait for the restart (control packets were for the dead process).
+        restart = not (self.shutdown_mode or self.handing_over)
+        kept = deque(entry for entry in worker.backlog if restart and entry[1] is not None)
         for _packet, socks in worker.backlog:
-            for sock in socks or ():
-                sock.close()
-        worker.backlog.clear()
+            if not (restart and socks is not None):
+                for sock in socks or ():
+                    sock.close()
+        worker.backlog = kept
+        worker.dead = False
         worker.parts = Assembler()
         for fanout_id, fanout in list(self._fanouts.items()):
             if worker.index in fanout.waiting:
                 fanout.waiting.discard(worker.index)
                 self._settle(fanout_id)
-        worker.clients = 0
+        worker.clients = len(kept)
         self.caps.add(worker.caps, -1)  # its clients are gone with it
         worker.caps = ClientCaps()
         worker.loads = {}
@@ -627,14 +678,18 @@ class Acceptor:
             for worker in self.workers:
                 if worker.proc is not None and worker.proc.poll() is not None:
                     self._reap(worker)
-                if worker.proc is None and time.monotonic() >= worker.restart_at and not self.shutdown_mode:
+                if (worker.proc is None and time.monotonic() >= worker.restart_at and not self.shutdown_mode
+                        and not self.handing_over):
                     try:
                         self._spawn(worker)
                     except OSError as exc:
                         log.error("cannot start worker %d: %s", worker.index, exc)
                         worker.restart_at = time.monotonic() + RESTART_BACKOFF
             try:
-                self._balance()
+                if self.handing_over:
+                    self._hand_over_progress()
+                else:
+                    self._balance()
             except Exception:  # supervision must never die
                 log.exception("balancing failed")
 

@@ -444,7 +444,8 @@ class App:
         if why:
             log.error("upgrade refused: %s", why)
             return {"error": why}
-        successor = Successor(self.upgrade_argv, self.generation + 1, self._cancel_from_successor)
+        successor = Successor(self.upgrade_argv, self.generation + 1, self._cancel_from_successor,
+                              self._successor_lost, self._returned_by_successor)
         self._successor = successor
         try:
             await check_config(self.upgrade_argv)
@@ -455,12 +456,7 @@ class App:
             log.error("upgrade failed, serving on: %s", exc)
             return {"error": str(exc)}
         for listener in self._listeners:
-            listener.close()  # the successor accepts on the same sockets from now on
-        self._listeners = []
-        if self._metrics is not None:
-            self._metrics.close()  # its port is the successor's to bind (it retries until free)
-            self._metrics = None
-        sdnotify.notify(f"MAINPID={pid}\nREADY=1\nSTATUS=upgraded to pid {pid}")
+            listener.pause()  # the successor accepts on the same sockets from now on (kept: _successor_lost)
         log.info("upgrade: the new process (pid %d) serves; handing %d clients over", pid, len(self.clients))
         self.begin_hand_over()
         return {"pid": pid}
@@ -491,6 +487,8 @@ class App:
 
     def _hand_over_due(self) -> None:
         due, self._to_hand_over = self._to_hand_over, set()
+        if not self.handing_over:  # (called off meanwhile: _successor_lost)
+            return
         for client in due:
             if client.can_hand_over():
                 self._hand_over(client)
@@ -518,7 +516,7 @@ class App:
         outbox = self._successor.outbox if self._successor is not None else self._outbox
         if not self.clients and not (outbox is not None and len(outbox)):
             log.info("upgrade: every client has been handed over; exiting")
-            self._stopped.set()
+            self._upgraded()
         elif self._hand_over_at and time.monotonic() >= self._hand_over_at:
             log.warning("upgrade: shutdown_timeout reached: %d clients could not be handed over",
                         len(self.clients))
@@ -526,7 +524,39 @@ class App:
                 client.fatal(codes.NOT_HANDED_OVER,
                              "the pooler was upgraded and this connection could not be handed over to the "
                              "new process (TLS, LISTEN, or busy until shutdown_timeout)")
-            self._stopped.set()
+            self._upgraded()
+
+    def _upgraded(self) -> None:
+        """The hand-over is over: the successor is the pooler now. (Only now does systemd hear
+        of it: a successor dying before this is _successor_lost, and this process serves on.)"""
+        successor = self._successor
+        if successor is not None:
+            if self._metrics is not None:
+                self._metrics.close()  # its port is the successor's to bind (it retries until free)
+                self._metrics = None
+            sdnotify.notify(f"MAINPID={successor.pid}\nREADY=1\nSTATUS=upgraded to pid {successor.pid}")
+        self._stopped.set()
+
+    def _successor_lost(self) -> None:
+        """The new process died during the hand-over: the clients it took are gone with it; this
+        one takes back the ones not sent yet (_returned_by_successor), and serves on."""
+        if not self.handing_over or self._stopped.is_set():
+            return
+        log.error("upgrade: the new process died during the hand-over; this process serves on "
+                  "(%d clients)", len(self.clients))
+        self.end_hand_over()
+        self._successor = None
+        for listener in self._listeners:
+            listener.resume()
+        write_pidfile(self.config.general.pidfile)
+
+    def end_hand_over(self) -> None:
+        self.handing_over = False
+        self._to_hand_over.clear()
+
+    def _returned_by_successor(self, packet: bytes, fds: list[int]) -> None:
+        """A client that was on its way to a successor that has died: it stays here after all."""
+        self._adopt_moved(channel.unpack(packet), fds)
 
     def _cancel_from_successor(self, initial: bytes, sock: socket.socket) -> None:
         """A CancelRequest the successor did not know: its client is still here."""
@@ -675,6 +705,9 @@ class App:
             elif kind == channel.MOVE_CLIENTS:
                 pool_index, count, to = channel.unpack(data)
                 self._move_clients(pool_index, count, to)
+            elif kind == channel.HAND_OVER and len(data) > 1 and not channel.unpack(data):
+                log.info("worker %d: upgrade: called off, serving on", self.worker)
+                self.end_hand_over()
             elif kind == channel.HAND_OVER:
                 log.info("worker %d: upgrade: handing %d clients over to the new process", self.worker,
                          len(self.clients))

@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_MESSAGE = 1 << 20
@@ -119,8 +119,12 @@ class Outbox:
     and the clients it hands over; an old pooler's clients for its successor (process/upgrade.py).
     A packet's fds are closed once it has been sent, or once the other side has gone."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket,
+                 returned: Callable[[bytes, list[int]], None] | None = None) -> None:
+        """returned: takes back each packet not sent when the other side has gone, with its fds
+        (without it they are closed)."""
         self.sock = sock
+        self._returned = returned
         self._queue: deque[tuple[bytes, list[int]]] = deque()
         self._writing = False
         self.broken = False
@@ -131,6 +135,9 @@ class Outbox:
 
     def put_fds(self, packet: bytes, fds: list[int]) -> None:
         if self.broken:
+            if self._returned is not None:
+                self._returned(packet, fds)
+                return
             for fd in fds:
                 os.close(fd)
             return
@@ -163,6 +170,7 @@ class Outbox:
 
     def close(self) -> None:
         self.broken = True
+        returned = self._returned
         if self._writing:
             self._writing = False
             try:
@@ -170,5 +178,9 @@ class Outbox:
             except (RuntimeError, ValueError):
                 pass
         while self._queue:
-            for fd in self._queue.popleft()[1]:
+            packet, fds = self._queue.popleft()
+            if returned is not None:
+                returned(packet, fds)
+                continue
+            for fd in fds:
                 os.close(fd)

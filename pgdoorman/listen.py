@@ -125,11 +125,22 @@ class Listener(asyncio.AbstractServer):
         if self._serving:
             self._loop.add_reader(self.sock.fileno(), self._accept)
 
-    def close(self) -> None:
+    def pause(self) -> None:
+        """Stop accepting, the socket kept open (an upgrade's successor accepts on it now)."""
         if self._serving:
             self._serving = False
             self._loop.remove_reader(self.sock.fileno())
+
+    def resume(self) -> None:
+        if not self._serving and self.sock.fileno() >= 0:
+            self._serving = True
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        self._serving = False
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop

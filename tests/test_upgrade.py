@@ -492,3 +492,33 @@ def test_a_copy_in_progress_finishes_on_the_old_process(upgradable):
     assert conn.execute("SELECT count(*), sum(n) FROM upgrade_copy").fetchone() == (2000, sum(range(2000)))
     conn.execute("DROP TABLE upgrade_copy")
     conn.close()
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_successor_dying_mid_hand_over_leaves_the_old_pooler_serving(upgradable, workers):
+    """Until the old process has handed over everyone, it keeps its listening sockets (and is still
+    systemd's main process): if the new one dies, it takes back the clients not yet sent, accepts
+    again, rewrites the pidfile, and can be upgraded again later."""
+    up = upgradable(workers)
+    busy = pconnect(up.p, autocommit=False)
+    busy.execute("SELECT 1")  # in a transaction: stays on the old process
+    old = up.upgrade()
+    new = up.pid
+    assert new is not None
+    os.kill(new, signal.SIGKILL)
+    assert wait_until(lambda: "died during the hand-over" in up.p.log(), timeout=20), up.p.log()
+    assert wait_until(lambda: _pid(up.pidfile) == old, timeout=10), up.p.log()
+    up.pid = old
+    busy.commit()
+    assert busy.execute("SELECT 2").fetchone() == (2,)
+    busy.commit()
+    with pconnect(up.p) as fresh:  # accepted by the old process again
+        assert fresh.execute("SELECT 3").fetchone() == (3,)
+    assert _alive(old)
+    again = up.upgrade()
+    assert again == old
+    assert busy.execute("SELECT 4").fetchone() == (4,)
+    busy.commit()
+    up.wait_gone(old)
+    assert busy.execute("SELECT 5").fetchone() == (5,)
+    busy.close()

@@ -54,10 +54,13 @@ class Successor:
     """The old side: the new pooler process and the link to it."""
 
     def __init__(self, argv: list[str], generation: int,
-                 on_cancel: Callable[[bytes, socket.socket], None]) -> None:
+                 on_cancel: Callable[[bytes, socket.socket], None],
+                 on_lost: Callable[[], None], on_returned: Callable[[bytes, list[int]], None]) -> None:
         self._argv = argv
         self.generation = generation  # the successor's
         self._on_cancel = on_cancel  # a CancelRequest it passes back, with the bytes it read
+        self._on_lost = on_lost  # the successor died after READY: the old process serves on
+        self._on_returned = on_returned  # a client not yet sent when it died (MOVED_CLIENT, fds)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
         self._link: socket.socket | None = None
@@ -85,7 +88,7 @@ class Successor:
             self._abandon()
             raise UpgradeFailed(f"cannot pass the listening sockets to the new process: {exc}") from None
         ours.setblocking(False)
-        self.outbox = channel.Outbox(ours)
+        self.outbox = channel.Outbox(ours, self._on_returned)
         self._ready = loop.create_future()
         loop.add_reader(ours.fileno(), self._receive)
         try:
@@ -132,9 +135,13 @@ class Successor:
                     code = self.proc.wait() if self.proc is not None else None
                     ready.set_exception(UpgradeFailed(f"the new process exited (code {code}) before it was "
                                                       "ready: see its log lines above"))
-                else:
-                    log.error("upgrade: the link to the new process (pid %d) is gone", self.pid)
+                    self._close_link()
+                    return
+                if self.proc is not None:
+                    self.proc.poll()  # (reaped: it was started by this process)
+                log.error("upgrade: the new process (pid %d) is gone", self.pid)
                 self._close_link()
+                self._on_lost()
                 return
             kind = data[0]
             if kind == channel.READY and self._ready is not None and not self._ready.done():
