@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import procstats
 from bench.cluster import DATABASE, USER, start_cluster
-from bench.doorman import PgDoorman
+from bench.doorman import REPO_ROOT, PgDoorman
 from bench.pgbench import PgbenchSpec, parse_summary, percentile
 from bench.pgbench import command as pgbench_command
 from bench.targets import log_tail
@@ -108,10 +108,11 @@ class CaseResult:
     error: str = ""  # the case could not run
     pooler_log_tail: list[str] = field(default_factory=list)  # its last lines, when the case failed
     pooler_log_kept: str = ""  # where the whole pooler log was copied, when something went wrong
+    source_changed: list[str] = field(default_factory=list)  # pgdoorman/ files edited during the case
 
     def anomalous(self) -> bool:
         return bool(self.error or self.aborted_clients or self.failed or self.closing_clients
-                    or self.log_problems or not self.served_after.startswith("ok")
+                    or self.source_changed or self.log_problems or not self.served_after.startswith("ok")
                     or any(u.note or not u.pid_changed or u.workers_replaced is False or u.old_workers_left
                            for u in self.upgrades))
 
@@ -144,6 +145,18 @@ def read_transactions(prefix: str) -> tuple[list[tuple[int, float, int]], Counte
                 else:
                     other[fields[2]] += 1
     return done, other
+
+
+def source_mtimes() -> dict[str, float]:
+    """The pooler's source files: an upgrade runs the program on disk, so an edit during a case is
+    what the later upgrades run."""
+    out: dict[str, float] = {}
+    for path in glob.glob(os.path.join(REPO_ROOT, "pgdoorman", "**", "*.py"), recursive=True):
+        try:
+            out[os.path.relpath(path, REPO_ROOT)] = os.stat(path).st_mtime
+        except OSError:
+            pass
+    return out
 
 
 def log_time(line: str) -> float | None:
@@ -461,6 +474,9 @@ def notes(results: list[CaseResult]) -> list[str]:
         if not r.served_after.startswith("ok"):
             out.append(f"{who}: a query after the run: {r.served_after}")
         out += [f"{who}: pooler log: {line}" for line in r.log_problems[:5]]
+        if r.source_changed:
+            out.append(f"{who}: pgdoorman/ changed on disk during the case (upgrades ran the new code): "
+                       f"{', '.join(r.source_changed)}")
         if r.pooler_log_kept:
             out.append(f"{who}: the pooler's log is kept in {r.pooler_log_kept}")
     return out
@@ -505,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM as Ctrl-C: the same finally blocks stop pgbench, the poolers and PostgreSQL.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     timestamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    commit = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # read only; the working tree may differ from it
     load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results: list[CaseResult] = []
     version = ""
@@ -514,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}, workers={workers}: PostgreSQL, pgdoorman, pgbench -c {args.clients} "
                 f"-T {args.duration} -M {CASES[name][1]}, upgrades at {', '.join(map(str, args.at))} s")
             run = Run(args, name, workers)
+            sources = source_mtimes()
             try:
                 run.start()
                 version = run.pooler.version if run.pooler is not None else version
@@ -523,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  failed: {run.result.error}")
                 status = 1
             finally:
+                now = source_mtimes()
+                run.result.source_changed = sorted(f for f in now.keys() | sources.keys()
+                                                   if now.get(f) != sources.get(f))
                 if run.pooler is not None and run.pooler.log_path and os.path.exists(run.pooler.log_path):
                     if run.result.error:
                         run.result.pooler_log_tail = log_tail(run.pooler.log_path, 40).splitlines()
@@ -538,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"closing-because lines {r.closing_clients} client, {r.closing_servers} server")
     lines = [f"# pgdoorman upgrade under load, {timestamp}", "",
              f"pgbench -c {args.clients} -j 2 -T {args.duration} -b {args.builtin} (scale {args.scale}), "
-             f"SIGUSR2 at {', '.join(f'{t:g}' for t in args.at)} s; pgdoorman {version}, "
+             f"SIGUSR2 at {', '.join(f'{t:g}' for t in args.at)} s; pgdoorman {version} ({commit}), "
              f"shutdown_timeout {SHUTDOWN_TIMEOUT:g}s; load average {load_at_start} -> "
              + " ".join(f"{x:.2f}" for x in os.getloadavg()), "",
              "inside = transactions that ended between a SIGUSR2 and the old pid's exit; windows = those "
@@ -556,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                    f"Linux {platform.release()}",
                         "python": platform.python_version(), "pgdoorman": version,
+                        "commit at start": commit,
                         "load average at start": load_at_start,
                         "load average at end": " ".join(f"{x:.2f}" for x in os.getloadavg())},
         "settings": {k: v for k, v in vars(args).items() if k not in ("cases", "modes", "workers")},

@@ -18,7 +18,7 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pgdoorman import channel, ids, sdnotify
+from pgdoorman import channel, ids, prepared, sdnotify
 from pgdoorman.admin import coordinate
 from pgdoorman.admin.console import AdminConn
 from pgdoorman.admin.worker import WorkerControl
@@ -75,6 +75,7 @@ class App:
         self.failures = FailureDelay()
         self.memory = MemoryBudget()  # max_memory_usage: this worker's share (apply_config)
         ids.configure(worker, workers, generation)
+        prepared.set_generation(generation)
         self.cancels = CancelRegistry(worker, workers, generation)
         # An upgrade (process/upgrade.py). Old side: handing_over once the successor serves, the
         # clients move at their next idle point, through _successor (one process) or the acceptor.

@@ -15,6 +15,14 @@ from pgdoorman.protocol.messages import close_statement, parse_message, raise_sq
 
 _next_id = itertools.count(1)
 SERVER_NAME_PREFIX = b"PGDOORMAN_"  # server-side names; clients can neither reach nor take them
+# After an upgrade (process/upgrade.py) the names carry the generation: a server handed over with a
+# pinned client still has the old process's statements, and a name must never mean two queries.
+_generation_tag = b""
+
+
+def set_generation(generation: int) -> None:
+    global _generation_tag
+    _generation_tag = b"%d_" % generation if generation else b""
 
 
 @dataclass(slots=True, eq=False)
@@ -34,7 +42,7 @@ class Statement:
 
 
 def new_statement(key: bytes) -> Statement:
-    name = SERVER_NAME_PREFIX + b"%d" % next(_next_id)
+    name = SERVER_NAME_PREFIX + _generation_tag + b"%d" % next(_next_id)
     return Statement(key, name, parse_message(name, key), close_statement(name))
 
 

@@ -522,3 +522,29 @@ def test_a_successor_dying_mid_hand_over_leaves_the_old_pooler_serving(upgradabl
     up.wait_gone(old)
     assert busy.execute("SELECT 5").fetchone() == (5,)
     busy.close()
+
+
+def test_a_pinned_client_moves_with_its_server_and_statements(upgradable):
+    """A transaction-mode client with a temp table is pinned to its server, so the server moves with
+    it, still holding what the old process prepared there; its statements, old and new, work on it
+    (the new process's statement names also carry its generation: prepared.set_generation)."""
+    up = upgradable(1)
+    other = pconnect(up.p)  # the old process's first names go to another client's statements
+    for k in range(3):
+        other.execute(f"SELECT %s::int + {k}", (1,), prepare=True)
+    other.close()
+    conn = pconnect(up.p)
+    conn.execute("CREATE TEMP TABLE pinned_here AS SELECT 1 AS n")
+    backend = conn.execute("SELECT pg_backend_pid()", prepare=True).fetchone()
+    assert conn.execute("SELECT n FROM pinned_here WHERE n = %s", (1,), prepare=True).fetchone() == (1,)
+    old = up.upgrade()
+    conn.execute("SELECT 1")
+    up.wait_gone(old)
+    assert conn.execute("SELECT pg_backend_pid()", prepare=True).fetchone() == backend
+    for k in range(4):  # new names in the new process: PGDOORMAN_1_3 etc., never the old ones
+        assert conn.execute(f"SELECT %s::text || '{k}'", ("new",), prepare=True).fetchone() == (f"new{k}",)
+    assert conn.execute("SELECT n + %s FROM pinned_here", (1,), prepare=True).fetchone() == (2,)
+    assert conn.execute("SELECT n FROM pinned_here WHERE n = %s", (1,), prepare=True).fetchone() == (1,)
+    conn.execute("DROP TABLE pinned_here")  # unpinned: its server can go back to the pool now
+    assert conn.execute("SELECT 3").fetchone() == (3,)
+    conn.close()
