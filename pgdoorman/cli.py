@@ -29,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pgdoorman", description="PostgreSQL connection pooler")
     p.add_argument("command", nargs="?", choices=["run", "demo", "upgrade"], default="run",
                    help="run the pooler (default); `demo`: a throwaway PostgreSQL + pooler + pgbench; "
-                        "`upgrade`: have the running pooler (general.pidfile, or --pid) hand over to "
-                        "the program now on disk")
+                        "`upgrade`: have the running pooler (by general.pidfile or --pid, else the "
+                        "console's unix socket) hand over to the program now on disk")
     p.add_argument("--pid", type=int,
                    help="upgrade: the running pooler's pid (default: from general.pidfile)")
     p.add_argument("-c", "--config", help="TOML config file (default: the embedded config)")

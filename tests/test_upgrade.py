@@ -548,3 +548,42 @@ def test_a_pinned_client_moves_with_its_server_and_statements(upgradable):
     conn.execute("DROP TABLE pinned_here")  # unpinned: its server can go back to the pool now
     assert conn.execute("SELECT 3").fetchone() == (3,)
     conn.close()
+
+
+def _poolers_of(config: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(config).encode() in cmdline and b"pgdoorman" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_pgdoorman_upgrade_over_the_console_socket(start_pooler, tmp_path):
+    """Without a pidfile, `pgdoorman upgrade` asks the console over the unix socket, where the OS
+    user the pooler runs as logs in by its peer credentials."""
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    p = start_pooler(pool_config("tx", "transaction", pool_size=2), {"unix_socket_dir": str(sockets)})
+    conn = pconnect(p)
+    conn.execute("SET TimeZone = 'Asia/Kolkata'")
+    old = p.proc.pid
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pgdoorman", "upgrade", "-c", str(p.config_path)],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr + p.log()
+        assert "serves" in done.stdout
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Kolkata",)
+        assert p.proc.wait(timeout=30) == 0  # the old process has handed over and exited
+        assert [pid for pid in _poolers_of(p.config_path) if pid != old]
+        assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Kolkata",)
+    finally:
+        conn.close()
+        for pid in _poolers_of(p.config_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGQUIT)
