@@ -43,7 +43,9 @@ CASES = {  # name: (pool_mode, pgbench -M)
     "session-extended": ("session", "extended"),
 }
 SHUTDOWN_TIMEOUT = 30.0
-READY_WAIT = 70.0  # the pooler's own limits: --check-config 60 s, then the successor's READY 60 s each
+# Wait this long for the pidfile to name a new pid (the pooler itself allows 60 s for --check-config and
+# 60 s for READY; here it takes 1-7 s), then shutdown_timeout + 10 s for the old pid to exit.
+READY_WAIT = 70.0
 POLL = 0.01  # window ends are measured to about this
 CLOSING = re.compile(r"closing because: (.*?)(?: \(age=\d+s\))?$")
 

@@ -313,6 +313,10 @@ class Probe(StandIn):
             self._done(server, Refused.from_fields(error))
             return
         welcome = probed_welcome(server.params, self._asked)
+        if not self._asked and server.pool.server_params is None:
+            # A pool whose servers were all handed over by an upgrade (none logged in here): after
+            # RESET ALL this one reports what a fresh backend would, as connect() records.
+            server.pool.server_params = dict(server.params)
         server.settings = welcome.settings
         remember(server.pool, self._asked, welcome)
         self._done(server, None)
