@@ -321,7 +321,11 @@ class Acceptor:
         try:
             await check_config(argv)
             log.info("upgrade: the config passes the new program's check; starting it")
-            pid = await successor.start(self._listeners)
+            counts: dict[str, int] = {}
+            for answer in await self._to_all({"op": "servers"}):
+                for name, count in (answer if isinstance(answer, dict) else {}).items():
+                    counts[name] = counts.get(name, 0) + count
+            pid = await successor.start(self._listeners, counts)
         except UpgradeFailed as exc:
             self._successor = None
             log.error("upgrade failed, serving on: %s", exc)
@@ -722,6 +726,9 @@ class Acceptor:
                 self._spawn_task(self._metrics.start(prometheus.host, prometheus.port, wait=True))
         if predecessor is not None:
             await self._wait_started()
+            if predecessor.servers:
+                await self._to_all({"op": "warm", "servers": predecessor.servers,
+                                    "workers": len(self.workers)})
             self.predecessor = predecessor
             predecessor.listen(self._moved_in, lambda: log.info("upgrade: hand-over complete"))
             write_pidfile(self.config.general.pidfile)

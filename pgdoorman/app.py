@@ -27,7 +27,7 @@ from pgdoorman.auth.jwt import JwtKeyCache
 from pgdoorman.auth.lookup import Answer
 from pgdoorman.backend.tls import ServerTls, server_tls
 from pgdoorman.cancel import CancelRegistry
-from pgdoorman.client import ACTIVE, ClientConn, arrival_pool
+from pgdoorman.client import ACTIVE, SESSION, ClientConn, arrival_pool
 from pgdoorman.config import (
     RESTART_KEYS,
     Config,
@@ -56,6 +56,7 @@ GC_THRESHOLD = 20000
 _CLIENT_KINDS = frozenset((channel.NEW_CLIENT, channel.FINAL_CLIENT, channel.MOVED_CLIENT))
 _TIMES = struct.Struct("dd")  # a server's accounting clock (metrics/account.py new_times)
 TICK = 0.25  # housekeeping period, seconds: also the precision of query_wait_timeout
+WARM_TIMEOUT = 5.0  # an upgrade's successor opening servers before READY (App.warm)
 CLOSE_NOTE_BATCH = 64  # client closes told to the acceptor at once (or at the next tick)
 
 
@@ -421,6 +422,7 @@ class App:
         if predecessor is not None:  # it stops accepting now, hands its clients over, and exits
             self.predecessor = predecessor
             predecessor.listen(self._moved_in, self._predecessor_gone)
+            await self.warm(predecessor.servers)
             write_pidfile(self.config.general.pidfile)
             predecessor.ready()
             log.info("upgrade: serving; the old process hands its clients over")
@@ -451,7 +453,7 @@ class App:
         try:
             await check_config(self.upgrade_argv)
             log.info("upgrade: the config passes the new program's check; starting it")
-            pid = await successor.start([listener.sock for listener in self._listeners])
+            pid = await successor.start([listener.sock for listener in self._listeners], self.server_counts())
         except UpgradeFailed as exc:
             self._successor = None
             log.error("upgrade failed, serving on: %s", exc)
@@ -461,6 +463,21 @@ class App:
         log.info("upgrade: the new process (pid %d) serves; handing %d clients over", pid, len(self.clients))
         self.begin_hand_over()
         return {"pid": pid}
+
+    def server_counts(self) -> dict[str, int]:
+        """Servers per transaction or statement pool (session servers move with their clients)."""
+        return {pool.name: len(pool.servers) for pool in self.pools.values()
+                if pool.servers and pool.mode != SESSION and not pool.looked_up}
+
+    async def warm(self, counts: dict[str, int], workers: int = 1) -> None:
+        """Open this worker's share of the servers the old process had (Pool.warm), at most 5 s."""
+        by_name = {pool.name: pool for pool in self.pools.values()}
+        waits = [pool.warm(-(-count // workers), WARM_TIMEOUT) for name, count in counts.items()
+                 if (pool := by_name.get(name)) is not None]
+        if waits:
+            await asyncio.gather(*waits)
+            log.info("upgrade: %d servers open before the hand-over",
+                     sum(len(by_name[name].servers) for name in counts if name in by_name))
 
     def upgrade_refusal(self) -> str:
         if self._successor is not None or self.handing_over:

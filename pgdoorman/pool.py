@@ -443,6 +443,20 @@ class Pool:
             server.close(f"connect_query failed: {message}")
             raise ServerError(f"connect_query failed: {message}", server.hidden_error.get("C", "08006"))
 
+    async def warm(self, wanted: int, timeout: float) -> None:
+        """Open servers until there are `wanted` (at most pool_size), and wait for their logins:
+        an upgrade's successor, before it says READY, opens as many as the old process had, so
+        the clients handed over find servers instead of waiting for logins."""
+        missing = min(wanted, self.pool_size) - len(self.servers) - self.connecting
+        if missing <= 0 or (self.passthrough is not None and self.scram_keys is None) or self._closing:
+            return
+        for _ in range(missing):
+            self._spawn_connect()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connecting and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     def fail_waiters(self, message: str, code: str) -> None:
         while self.waiters:
             client = self.waiters.popleft()

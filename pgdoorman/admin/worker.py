@@ -110,6 +110,11 @@ class WorkerControl:
         if op == "shutdown":
             app.begin_shutdown(request["mode"])
             return True
+        if op == "servers":  # an upgrade: what the successor should open before it serves
+            return app.server_counts()
+        if op == "warm":
+            await app.warm(request["servers"], request.get("workers", 1))
+            return True
         raise ValueError(f"unknown request {op!r}")
 
     def _pools(self, db: str | None) -> list[Pool]:

@@ -68,8 +68,9 @@ class Successor:
         self._ready: asyncio.Future[int] | None = None
         self.gone = False
 
-    async def start(self, listeners: list[socket.socket]) -> int:
-        """Start the successor, give it the listening sockets, and wait for its READY: its pid."""
+    async def start(self, listeners: list[socket.socket], servers: dict[str, int]) -> int:
+        """Start the successor, give it the listening sockets and how many servers each pool has
+        (it opens as many before READY), and wait for its READY: its pid."""
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [*self._argv, "--upgrade-fd", str(theirs.fileno()), "--generation", str(self.generation)]
@@ -82,8 +83,8 @@ class Successor:
             theirs.close()
         self._link = ours
         try:
-            channel.send(ours, channel.pack(channel.HELLO, {"generation": self.generation}),
-                         [sock.fileno() for sock in listeners])
+            hello = {"generation": self.generation, "servers": servers}
+            channel.send(ours, channel.pack(channel.HELLO, hello), [sock.fileno() for sock in listeners])
         except OSError as exc:
             self._abandon()
             raise UpgradeFailed(f"cannot pass the listening sockets to the new process: {exc}") from None
@@ -173,6 +174,7 @@ class Predecessor:
     def __init__(self, fd: int) -> None:
         self._link: socket.socket | None = socket.socket(fileno=fd)
         self.generation = 0
+        self.servers: dict[str, int] = {}  # the old process's servers per pool ("db/user")
         self.outbox: channel.Outbox | None = None
 
     def hello(self) -> list[socket.socket]:
@@ -184,7 +186,9 @@ class Predecessor:
             for fd in fds:
                 os.close(fd)
             raise OSError("upgrade: no HELLO from the old process")
-        self.generation = channel.unpack(data)["generation"]
+        hello = channel.unpack(data)
+        self.generation = hello["generation"]
+        self.servers = dict(hello.get("servers", {}))
         self._link.setblocking(False)
         self.outbox = channel.Outbox(self._link)
         return [socket.socket(fileno=fd) for fd in fds]
