@@ -12,6 +12,7 @@ import socket
 import ssl
 import struct
 import time
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import replace
@@ -89,6 +90,7 @@ class App:
         self.predecessor: Predecessor | None = None
         self.auth_key = b""
         self.clients: set[ClientConn] = set()
+        self.consoles: weakref.WeakSet[AdminConn] = weakref.WeakSet()  # admin sessions, told at stop()
         self.pools: dict[tuple[str, str], Pool] = {}
         self.lookups: dict[str, AuthLookup] = {}  # auth_query by database
         self._budgets: dict[str, DbBudget] = {}
@@ -294,6 +296,7 @@ class App:
         transport = client.transport
         client.hand_over()
         console = AdminConn(self, startup, client.peer)
+        self.consoles.add(console)
         transport.set_protocol(console)
         console.connection_made(transport)
         if rest:
@@ -868,6 +871,10 @@ class App:
             self._tick.cancel()
         for client in list(self.clients):
             client.fatal(codes.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
+        why = ("the pooler was upgraded: connect again to reach the new process"
+               if self.handing_over else "terminating connection due to administrator command")
+        for console in list(self.consoles):
+            console.end(codes.ADMIN_SHUTDOWN, why)
         for pool in [*self.pools.values(), *self._draining]:
             pool.close_all(reason)
         for lookup in self.lookups.values():

@@ -138,11 +138,17 @@ def test_a_session_keeps_its_settings_statements_and_cancel(upgradable, workers)
     timer.join()
     assert time.monotonic() - started < 10
     assert conn.execute("SELECT 2").fetchone() == (2,)
-    # and a second upgrade, from the new process, works the same way
+    # and a second upgrade, from the new process, works the same way; a console session on the old
+    # process is the one thing that ends, with a FATAL that says why
+    console = aconnect(up.p)
+    console.execute("SHOW VERSION")
     older = up.upgrade("console" if workers == 1 else "command")
     assert conn.execute("SHOW TimeZone").fetchone() == ("Asia/Tokyo",)
     up.wait_gone(older)
     assert conn.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+    with pytest.raises(psycopg.OperationalError, match="upgraded: connect again"):
+        console.execute("SHOW VERSION")
+    console.close()
     conn.close()
 
 

@@ -232,6 +232,10 @@ class AdminConn(asyncio.Protocol):
         if self._runner is not None and not self._runner.done():
             self._runner.cancel()
 
+    def end(self, code: str, message: str) -> None:
+        """The pooler (this process of it) stops: the session ends with a FATAL that says why."""
+        self._fatal(code, message)
+
     def _fatal(self, code: str, message: str) -> None:
         if self._closed:
             return
