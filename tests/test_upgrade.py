@@ -400,7 +400,7 @@ def test_sd_notify_follows_the_new_process(upgradable, tmp_path, monkeypatch):
     sock.close()
 
 
-@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("workers", [2])  # (the state that moves is the same with one process)
 def test_pass_through_and_auth_query_users_move(pg, upgradable, workers):
     """Their secrets are not in the config: the SCRAM keys a pass-through client proved, and the
     secret auth_query found, move with them, so the new process logs in to servers for them."""
