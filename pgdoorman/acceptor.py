@@ -38,7 +38,14 @@ from pgdoorman.limits import ClientCaps
 from pgdoorman.listen import listening_sockets
 from pgdoorman.logs import set_log_level
 from pgdoorman.process.pidfile import write_pidfile
-from pgdoorman.process.upgrade import Predecessor, Successor, UpgradeFailed, check_config, program_argv
+from pgdoorman.process.upgrade import (
+    Predecessor,
+    Successor,
+    UpgradeFailed,
+    check_config,
+    program_argv,
+    refusal,
+)
 from pgdoorman.protocol import codes
 from pgdoorman.protocol import messages as m
 
@@ -307,10 +314,7 @@ class Acceptor:
     async def upgrade(self) -> dict[str, Any]:
         """SIGUSR2 or UPGRADE: start the program on disk as the successor (an acceptor with its own
         workers) and have every worker hand its clients over. {"pid": ...} or {"error": ...}."""
-        why = ("an upgrade is already in progress" if self._successor is not None
-               else "the previous upgrade's old process is still handing its clients over"
-               if self.predecessor is not None and self.predecessor.alive
-               else "the pooler is shutting down" if self.shutdown_mode else "")
+        why = refusal(self._successor is not None, self.predecessor, bool(self.shutdown_mode))
         if why:
             log.error("upgrade refused: %s", why)
             return {"error": why}
@@ -354,7 +358,7 @@ class Acceptor:
             if self._metrics is not None:
                 self._metrics.close()  # its port is the successor's to bind (it retries until free)
                 self._metrics = None
-            sdnotify.notify(f"MAINPID={successor.pid}\nREADY=1\nSTATUS=upgraded to pid {successor.pid}")
+            successor.announce()
             self.handing_over = False
             self.shutdown_mode = "upgraded"
             self._stopped.set()

@@ -45,7 +45,7 @@ from pgdoorman.listen import Listener, listening_sockets, serve_on
 from pgdoorman.logs import set_log_level
 from pgdoorman.pool import DbBudget, Pool
 from pgdoorman.process.pidfile import write_pidfile
-from pgdoorman.process.upgrade import Predecessor, Successor, UpgradeFailed, check_config
+from pgdoorman.process.upgrade import Predecessor, Successor, UpgradeFailed, check_config, refusal
 from pgdoorman.protocol import codes
 from pgdoorman.server import ServerConn
 
@@ -451,7 +451,7 @@ class App:
             log.error("upgrade refused: %s", why)
             return {"error": why}
         successor = Successor(self.upgrade_argv, self.generation + 1, self._cancel_from_successor,
-                              self._successor_lost, self._returned_by_successor)
+                              self._successor_lost, self._moved_in)
         self._successor = successor
         try:
             await check_config(self.upgrade_argv)
@@ -483,13 +483,8 @@ class App:
                      sum(len(by_name[name].servers) for name in counts if name in by_name))
 
     def upgrade_refusal(self) -> str:
-        if self._successor is not None or self.handing_over:
-            return "an upgrade is already in progress"
-        if self.predecessor is not None:
-            return "the previous upgrade's old process is still handing its clients over"
-        if self.shutdown_mode:
-            return "the pooler is shutting down"
-        return ""
+        return refusal(self._successor is not None or self.handing_over, self.predecessor,
+                       bool(self.shutdown_mode))
 
     def begin_hand_over(self) -> None:
         """Every client moves to the successor at its next idle point; this process ends once none
@@ -555,7 +550,7 @@ class App:
             if self._metrics is not None:
                 self._metrics.close()  # its port is the successor's to bind (it retries until free)
                 self._metrics = None
-            sdnotify.notify(f"MAINPID={successor.pid}\nREADY=1\nSTATUS=upgraded to pid {successor.pid}")
+            successor.announce()
         self._stopped.set()
 
     def _successor_lost(self) -> None:
@@ -575,10 +570,6 @@ class App:
         self.handing_over = False
         self._to_hand_over.clear()
 
-    def _returned_by_successor(self, packet: bytes, fds: list[int]) -> None:
-        """A client that was on its way to a successor that has died: it stays here after all."""
-        self._adopt_moved(channel.unpack(packet), fds)
-
     def _cancel_from_successor(self, initial: bytes, sock: socket.socket) -> None:
         """A CancelRequest the successor did not know: its client is still here."""
         self._adopt(sock, partial(ClientConn, self, initial, final=True))
@@ -586,7 +577,8 @@ class App:
     # --- upgrade, new side ---
 
     def _moved_in(self, packet: bytes, fds: list[int]) -> None:
-        """A client (and in session mode its server) the old process handed over."""
+        """A client (and in session mode its server) the old process handed over; or, on the old
+        side, one that was on its way to a successor that died: it stays here after all."""
         self._adopt_moved(channel.unpack(packet), fds)
 
     def _predecessor_gone(self) -> None:
@@ -821,7 +813,7 @@ class App:
                 channel.send(self._channel, channel.pack(channel.MOVED_CLIENT, state), fd)
             except OSError as exc:  # channel full or gone: the client stays here after all
                 log.info("%s: not moved to worker %d: %s", client.id, to, exc)
-                self._adopt(socket.socket(fileno=fd), partial(ClientConn, self, moved=state))
+                self._adopt_moved(state, [fd])
                 continue
             os.close(fd)
             moved += 1

@@ -36,6 +36,7 @@ class CancelRegistry:
     def __init__(self, worker: int = 0, workers: int = 1, generation: int = 0) -> None:
         self._worker = worker
         self._workers = workers
+        self._generation = generation
         # Keys of even generations (upgrades: process/upgrade.py) are >= 0, of odd ones < 0, whatever
         # the number of workers: a successor tells a key its predecessor issued by its sign.
         self._offset = 0 if generation % 2 == 0 else ((1 << 30) // workers + 1) * workers
@@ -58,7 +59,7 @@ class CancelRegistry:
 
     def ours(self, key: int) -> bool:
         """Issued by this generation (or by the one before the last: see _offset)."""
-        return (key < 0) == (self._offset != 0)
+        return issued_by(key, self._generation)
 
     def known(self, pid: int, key: int) -> bool:
         return (pid, key) in self._clients

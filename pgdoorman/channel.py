@@ -78,15 +78,6 @@ def receive_all(channel: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def receive(channel: socket.socket) -> tuple[bytes, int | None]:
-    """One message and its first fd (a second one, the server of a moved session client, is
-    returned by receive_all). b"" with None: the other side has gone."""
-    data, fds = receive_all(channel)
-    for extra in fds[1:]:
-        os.close(extra)
-    return data, (fds[0] if fds else None)
-
-
 def parts(kind: int, request_id: int, payload: Any) -> Iterator[bytes]:
     """The packets that carry one control message."""
     data = marshal.dumps(payload)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pgdoorman import channel
+from pgdoorman import channel, sdnotify
 
 log = logging.getLogger("pgdoorman")
 CHECK_TIMEOUT = 60.0  # the new program's --check-config
@@ -48,6 +48,18 @@ async def check_config(argv: list[str]) -> None:
     if proc.returncode != 0:
         text = out.decode(errors="replace").strip() or f"exit code {proc.returncode}"
         raise UpgradeFailed(f"the config does not pass the new program's check: {text}")
+
+
+def refusal(upgrading: bool, predecessor: Predecessor | None, shutting_down: bool) -> str:
+    """Why an upgrade cannot start now ("" if it can): one at a time, and none while this process's
+    own predecessor is still handing over (cancel keys tell two generations apart, not three)."""
+    if upgrading:
+        return "an upgrade is already in progress"
+    if predecessor is not None and predecessor.alive:
+        return "the previous upgrade's old process is still handing its clients over"
+    if shutting_down:
+        return "the pooler is shutting down"
+    return ""
 
 
 class Successor:
@@ -163,6 +175,10 @@ class Successor:
         """A MOVED_CLIENT packet a worker sent (several workers: the acceptor passes them on)."""
         assert self.outbox is not None
         self.outbox.put_fds(packet, fds)
+
+    def announce(self) -> None:
+        """The hand-over is complete: the service manager follows the successor from now on."""
+        sdnotify.notify(f"MAINPID={self.pid}\nREADY=1\nSTATUS=upgraded to pid {self.pid}")
 
     def close(self) -> None:
         self._close_link()
