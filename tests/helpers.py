@@ -508,6 +508,39 @@ class RawConn:
         self.close()
 
 
+class NotifyListener:
+    """A service manager's $NOTIFY_SOCKET (sd_notify datagrams): set NOTIFY_SOCKET to `path`
+    before the pooler starts."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(timeout)
+        self.messages: list[str] = []
+
+    def until(self, word: str) -> str:
+        """The next message that contains word (the ones before it are kept in messages)."""
+        while True:
+            data = self.sock.recv(4096).decode()
+            self.messages.append(data)
+            if word in data:
+                return data
+
+    def drain(self) -> list[str]:
+        """Every message sent so far, without waiting for more."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while True:

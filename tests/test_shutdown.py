@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from helpers import pconnect, pool_config, wait_until
+from helpers import NotifyListener, pconnect, pool_config, wait_until
 from test_admin import ADMIN_PASSWORD, aconnect
 
 
@@ -118,27 +118,15 @@ def test_shutdown_wait_for_servers_command(pooler_for):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sd_notify(start_pooler, tmp_path, monkeypatch, workers):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    notify = NotifyListener(str(tmp_path / "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
     p = start_pooler(pool_config("tx", "transaction", pool_size=1), {"workers": workers})
-    messages: list[str] = []
-
-    def until(word: str) -> str:
-        while True:
-            data = sock.recv(4096).decode()
-            messages.append(data)
-            if word in data:
-                return data
-
-    ready = until("READY=1")
-    assert f"MAINPID={p.proc.pid}" in ready and "STATUS=" in ready, messages
+    ready = notify.until("READY=1")
+    assert f"MAINPID={p.proc.pid}" in ready and "STATUS=" in ready, notify.messages
     p.proc.send_signal(signal.SIGHUP)
-    assert "MONOTONIC_USEC=" in until("RELOADING=1")
-    assert "STATUS=" in until("READY=1")
+    assert "MONOTONIC_USEC=" in notify.until("RELOADING=1")
+    assert "STATUS=" in notify.until("READY=1")
     p.proc.send_signal(signal.SIGTERM)
-    until("STOPPING=1")
+    notify.until("STOPPING=1")
     assert p.proc.wait(timeout=10) == 0
-    sock.close()
+    notify.close()

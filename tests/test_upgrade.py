@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import REPO_ROOT, pconnect, pool_config, wait_until
+from helpers import REPO_ROOT, NotifyListener, pconnect, pool_config, wait_until
 from test_admin import ADMIN_PASSWORD, aconnect
 
 from pgdoorman.devcluster import free_port
@@ -376,28 +375,16 @@ def test_restart_only_keys_change_by_upgrade(upgradable):
 
 
 def test_sd_notify_follows_the_new_process(upgradable, tmp_path, monkeypatch):
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(20)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    notify = NotifyListener(str(tmp_path / "notify.sock"), timeout=20)
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
     up = upgradable(2)
-    messages: list[str] = []
-
-    def until(word: str) -> str:
-        while True:
-            data = sock.recv(4096).decode()
-            messages.append(data)
-            if word in data:
-                return data
-
-    until("READY=1")
+    notify.until("READY=1")
     old = up.upgrade()
-    told = until("MAINPID=")
-    assert f"MAINPID={up.pid}" in told, messages
+    told = notify.until("MAINPID=")
+    assert f"MAINPID={up.pid}" in told, notify.messages
     up.wait_gone(old)
-    assert not any("STOPPING=1" in message for message in messages), messages
-    sock.close()
+    assert not any("STOPPING=1" in message for message in notify.drain()), notify.messages
+    notify.close()
 
 
 @pytest.mark.parametrize("workers", [2])  # (the state that moves is the same with one process)
